@@ -1,0 +1,1 @@
+"""The paper's figures and tables regenerated from tracked MLflow runs."""

@@ -1,0 +1,7 @@
+"""modloss: the modular loss of "Joint Training of Neural Network Ensembles" and the
+batched ensembles, data pipelines, training protocol and analyses around it.
+
+A plain PyTorch library: nothing here imports Ray or MLflow.
+"""
+
+__all__: list[str] = []

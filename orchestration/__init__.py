@@ -1,0 +1,1 @@
+"""Ray Tune / Ray Train / MLflow orchestration of modloss experiments."""
