@@ -1,0 +1,37 @@
+# The project image for every node of docker-compose.yml (Ray head, Ray workers, MLflow).
+#
+# The base image brings CUDA builds of torch and torchvision; pip keeps them because
+# they satisfy the project's requirements (torch>=2.3, torchvision), so nothing CUDA is
+# downloaded twice. Ray and MLflow are pinned to the versions the project is developed
+# and tested with, so that `modloss submit` and `modloss report` on a laptop talk to
+# servers of the same version.
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ARG RAY_VERSION=2.60.0
+ARG MLFLOW_VERSION=3.17.2
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MODLOSS_DATA_DIR=/data
+
+WORKDIR /opt/modloss
+
+# Dependencies first (a layer that survives source edits), then the source.
+COPY pyproject.toml README.md ./
+COPY modloss/__init__.py modloss/
+COPY orchestration/__init__.py orchestration/
+COPY dashboards/__init__.py dashboards/
+RUN pip install "ray[default,tune,train]==${RAY_VERSION}" "mlflow==${MLFLOW_VERSION}" \
+        ".[sweep,vision,cluster]" \
+    && python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+COPY modloss/ modloss/
+COPY orchestration/ orchestration/
+COPY dashboards/ dashboards/
+COPY search_spaces/ search_spaces/
+RUN pip install --no-deps -e . && modloss --help >/dev/null
+
+EXPOSE 5000 6379 8265
