@@ -1,0 +1,105 @@
+"""The ``sweep`` and ``ui`` commands, plugged into ``modloss`` through the
+``modloss.commands`` entry-point group."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register", "sweep", "ui"]
+
+# Exit codes: 2 for input that was refused before anything ran (as click does for usage
+# errors), 1 for a sweep with failed trials, 130 for an interrupted one.
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def sweep(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML (see search_spaces/).")],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Join this Ray cluster (e.g. auto); default: a local Ray for the run."),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI; default sqlite:///mlflow.db in this folder."),
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            help="Experiment name (Ray folder and MLflow experiment); default: the space's name."
+        ),
+    ] = None,
+    storage: Annotated[
+        Path | None, typer.Option(help="Folder of Ray experiments; default ./ray_results.")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(min=1, help="At most this many trials at once.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Finish an interrupted sweep; finished trials are not rerun.")
+    ] = False,
+) -> None:
+    """Run a search space as a Ray Tune sweep, tracked in MLflow; print the results table."""
+    from orchestration.spaces import SpaceError
+    from orchestration.sweep import run_sweep
+    from orchestration.tracking import TrackingError
+
+    try:
+        outcome = run_sweep(
+            space,
+            address=address,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            storage=storage,
+            max_concurrent=max_concurrent,
+            resume=resume,
+        )
+    except (SpaceError, TrackingError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; finish it with: modloss sweep {space} --resume", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if outcome.status == "KILLED":
+        typer.echo(f"interrupted; finish it with: modloss sweep {space} --resume", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if outcome.status == "FAILED":
+        typer.echo("some trials failed (status 'failed' in the table)", err=True)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def ui(
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="The MLflow store to browse; default sqlite:///mlflow.db here."),
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 for a tracking store (default: this folder's)."""
+    from orchestration.tracking import DEFAULT_TRACKING_URI
+
+    tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
+    if tracking_uri.startswith(("http://", "https://")):
+        typer.echo(f"{tracking_uri} is already an MLflow server: open it in a browser")
+        return
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    command = [
+        mlflow, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    typer.echo(f"MLflow UI for {tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    try:
+        raise typer.Exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Entry point of the ``modloss.commands`` group: adds ``sweep`` and ``ui``."""
+    app.command("sweep")(sweep)
+    app.command("ui")(ui)

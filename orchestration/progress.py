@@ -1,0 +1,87 @@
+"""A compact progress display for sweeps: one line per trial event, epochs throttled."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+from orchestration.tracking import trial_status
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+__all__ = ["ProgressPrinter"]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class ProgressPrinter(Callback):
+    """Prints trial starts and ends, and each trial's epochs at most every ``interval`` s.
+
+    Ray pickles callbacks with the experiment, so this holds no stream: it writes to
+    whatever ``sys.stdout`` is when it prints.
+    """
+
+    def __init__(self, epochs: int, interval: float = 10.0) -> None:
+        self.epochs = epochs
+        self.interval = interval
+        self._start = time.monotonic()
+        self._last: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "interval": self.interval}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def _print(self, trials: list[Trial], text: str) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        elapsed = time.monotonic() - self._start
+        print(
+            f"[{elapsed:7.1f}s {done}/{len(trials)} done, {running} running] {text}",
+            file=sys.stdout,
+            flush=True,
+        )
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._print(trials, f"start    {trial}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ):
+        epoch, now = result.get("epoch"), time.monotonic()
+        if result.get("summary") or epoch is None:
+            return
+        last = self._last.get(trial.trial_id)
+        if last is not None and now - last < self.interval and epoch != self.epochs:
+            return
+        self._last[trial.trial_id] = now
+        shown = " ".join(
+            f"{k} {_fmt(result[k])}"
+            for k in ("train_loss", "val_error", "best_val_error")
+            if k in result
+        )
+        self._print(trials, f"epoch    {trial} {epoch}/{self.epochs} {shown}")
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        last = trial.last_result or {}
+        status = trial_status("TERMINATED", last)
+        shown = " ".join(
+            f"{k} {_fmt(last[k])}"
+            for k in ("best_epoch", "best_val_error", "best_test_error")
+            if last.get(k) is not None
+        )
+        self._print(trials, f"{status:<8} {trial} {shown}")
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._print(trials, f"retry    {trial} (failure {trial.num_failures})")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        error = (trial.get_error() or "").strip().splitlines()
+        self._print(trials, f"failed   {trial}: {error[-1] if error else 'unknown error'}")

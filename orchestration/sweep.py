@@ -1,0 +1,351 @@
+"""``modloss sweep``: a search space run as one Ray Tune experiment, tracked in MLflow.
+
+The trainable is :func:`train_trial`, a plain function around :func:`modloss.train.fit`:
+fit checkpoints every epoch into a local folder, and the per-epoch callback hands that
+folder to Tune as the trial's checkpoint with the epoch's metrics. A restarted trial (a
+retry after a failure, or a resumed sweep) copies its last Tune checkpoint back and fit
+resumes from it. The experiment lives at ``STORAGE/NAME`` (NAME: the space's name), so
+``--resume`` finds it again.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestration.spaces import (
+    METRIC,
+    MODE,
+    Asha,
+    GridSearch,
+    LrTable,
+    Range,
+    SearchSpace,
+    SpaceError,
+    load_space,
+)
+from orchestration.tracking import (
+    DEFAULT_TRACKING_URI,
+    SweepRecord,
+    check_tracking_uri,
+    trial_status,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from ray.tune.experiment import Trial
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "RESULTS_CSV",
+    "SweepOutcome",
+    "results_table",
+    "run_sweep",
+    "train_trial",
+]
+
+DEFAULT_STORAGE = "ray_results"
+RESULTS_CSV = "results.csv"
+FIT_DIR = "fit"  # fit's out_dir inside the trial's directory
+TABLE_COLUMNS = [
+    "model",
+    "lam",
+    "trial",
+    "lr",
+    "status",
+    "epochs",
+    "best_epoch",
+    "val_error",
+    "test_error",
+    "final_test_error",
+    "trial_id",
+]
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: ``modloss.train.fit`` of ``config["train"]``, checkpointed each epoch.
+
+    Ends normally for a diverged run (status ``diverged`` in its last report).
+    """
+    from ray import tune
+
+    from modloss.train import TrainConfig, fit
+
+    train = TrainConfig.model_validate(config["train"])
+    out_dir = Path(tune.get_context().get_trial_dir()) / FIT_DIR
+    shutil.rmtree(out_dir, ignore_errors=True)  # only Tune's checkpoint is authoritative
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as saved:
+            shutil.copytree(saved, out_dir)
+
+    def report(epoch: int, metrics: dict[str, float], out: Path | None) -> None:
+        tune.report(
+            {**metrics, "status": "running"}, checkpoint=tune.Checkpoint.from_directory(out)
+        )
+
+    results = fit(train, [report], out_dir=out_dir)
+    if results["status"] == "finished":
+        _robustness_artifacts(out_dir, train)
+    summary = {
+        "summary": True,
+        "status": results["status"],
+        "epoch": results["epochs_completed"],
+        "best_epoch": results["best_epoch"],
+        "best_val_error": results["best_val_error"],
+        "best_test_error": results["test_error"],
+        "final_test_error": results["final_test_error"],
+        # Searchers and schedulers read the objective from the last report.
+        METRIC: results["best_val_error"] if results["status"] != "diverged" else math.nan,
+    }
+    tune.report(summary, checkpoint=tune.Checkpoint.from_directory(out_dir))
+
+
+def _robustness_artifacts(out_dir: Path, train: Any) -> None:
+    """Fig. 4 for this trial: test accuracy with members dropped, from the best epoch's
+    saved test logits (written next to fit's files, so they travel with the checkpoint)."""
+    from modloss.analysis import load_logits, plot_robustness, robustness
+
+    logits = load_logits(out_dir, "test")
+    if logits.eta.shape[0] < 2:
+        return
+    frame = robustness(logits.eta, logits.target)
+    frame.to_csv(out_dir / "robustness.csv", index=False)
+    title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
+    plot_robustness({f"λ={train.lam:g}": frame}, out_dir / "robustness.png", title=title)
+
+
+def _trial_name(trial: Trial) -> str:
+    cfg = trial.config["train"]
+    return f"{cfg['model']}_lam{cfg['lam']:.4g}_t{cfg['trial']}"
+
+
+def _trial_dirname(trial: Trial) -> str:
+    return f"{_trial_name(trial)}_{trial.trial_id}"
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    """Tune's param_space: every trial's TrainConfig under ``"train"``."""
+    from ray import tune
+
+    if isinstance(space.search, GridSearch):
+        return {"train": tune.grid_search(space.grid())}
+
+    def choice(values: list[Any]) -> Any:
+        return values[0] if len(values) == 1 else tune.choice(values)
+
+    def sampled(r: Range) -> Any:
+        return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
+
+    assert not isinstance(space.lr, LrTable)  # refused by the schema for sampled spaces
+    lam = sampled(space.lam) if isinstance(space.lam, Range) else choice(list(space.lam))
+    lr = sampled(space.lr) if isinstance(space.lr, Range) else space.lr_for("", 0.0)
+    train = {
+        **space.base_config(),
+        "model": choice(list(space.models)),
+        "lam": lam,
+        "lr": lr,
+        "trial": choice(space.trial_ids),
+    }
+    return {"train": train}
+
+
+def _tune_config(space: SearchSpace) -> Any:
+    from ray import tune
+
+    search_alg, num_samples = None, 1
+    if not isinstance(space.search, GridSearch):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(seed=space.search.seed)
+        search_alg = OptunaSearch(sampler=sampler)
+        num_samples = space.search.num_samples
+    scheduler = None
+    if isinstance(space.scheduler, Asha):
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=space.scheduler.max_t or space.epochs,
+            grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+        )
+    return tune.TuneConfig(
+        metric=METRIC,
+        mode=MODE,
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=space.max_concurrent,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_dirname,
+    )
+
+
+def results_table(trials: list[Trial]) -> pd.DataFrame:
+    """One row per trial: its coordinates, status and test error at the best-validation epoch."""
+    import pandas as pd
+
+    rows = []
+    for trial in trials:
+        cfg, last = trial.config["train"], trial.last_result or {}
+        rows.append(
+            {
+                "model": cfg["model"],
+                "lam": cfg["lam"],
+                "trial": cfg["trial"],
+                "lr": cfg["lr"] if cfg["lr"] is not None else _paper_lr(cfg),
+                "status": trial_status(trial.status, last),
+                "epochs": last.get("epoch"),
+                "best_epoch": last.get("best_epoch"),
+                "val_error": last.get("best_val_error"),
+                "test_error": last.get("best_test_error"),
+                "final_test_error": last.get("final_test_error"),
+                "trial_id": trial.trial_id,
+            }
+        )
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return table.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
+
+
+def _paper_lr(cfg: dict[str, Any]) -> float:
+    from modloss.train import paper_lr
+
+    return paper_lr(cfg["model"], cfg["lam"])
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What ``run_sweep`` produced: the results table, its CSV, the MLflow parent run and
+    the parent's final status (FINISHED | FAILED | KILLED)."""
+
+    table: pd.DataFrame
+    csv: Path
+    record: SweepRecord
+    status: str
+
+
+def run_sweep(
+    space_file: str | Path,
+    *,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    storage: str | Path | None = None,
+    max_concurrent: int | None = None,
+    resume: bool = False,
+    out=sys.stdout,
+) -> SweepOutcome:
+    """Run (or with ``resume``, finish) the sweep of ``space_file``.
+
+    Everything that can be checked without Ray is checked before Ray starts: the space,
+    the experiment folder, the tracking store. Raises :class:`SpaceError` or
+    :class:`orchestration.tracking.TrackingError` for those.
+    """
+    space = load_space(space_file, name=experiment, max_concurrent=max_concurrent)
+    if space.distributed is not None:
+        raise SpaceError(f"{space_file}: distributed: Ray Train trials are not supported yet")
+    exp_dir = Path(storage or DEFAULT_STORAGE).resolve() / space.name
+    record = SweepRecord.load(exp_dir)
+    tracking_uri = _tracking_uri(tracking_uri, record)
+    started = _experiment_started(exp_dir)
+    if resume and not started:
+        raise SpaceError(f"nothing to resume: no Ray Tune experiment at {exp_dir}")
+    if not resume and started:
+        raise SpaceError(
+            f"{exp_dir} already holds experiment {space.name!r}: finish it with --resume, "
+            "or pick another --experiment name or --storage folder"
+        )
+    check_tracking_uri(tracking_uri)
+
+    import ray
+    from ray import tune
+
+    from orchestration.tracking import SweepTracker
+
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address=address, include_dashboard=False)
+    try:
+        tracker = SweepTracker(tracking_uri, space.name)
+        record = tracker.start(exp_dir, params=_space_params(space), space_file=Path(space_file))
+        table, csv = None, exp_dir / RESULTS_CSV
+        try:
+            tuner = _tuner(space, exp_dir, record, resume=resume)
+            tuner.fit()
+            table = results_table(tune.ExperimentAnalysis(str(exp_dir)).trials)
+            table.to_csv(csv, index=False)
+        finally:
+            # Also after a second Ctrl-C (KeyboardInterrupt): no run is left RUNNING.
+            status = tracker.finish(record, table, csv if table is not None else None)
+    finally:
+        if own_ray:
+            ray.shutdown()
+    _print_table(table, csv, out)
+    return SweepOutcome(table, csv, record, status)
+
+
+def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bool) -> Any:
+    from ray import tune
+
+    from orchestration.progress import ProgressPrinter
+    from orchestration.tracking import TrialLogger
+
+    trainable = tune.with_resources(
+        train_trial, {"cpu": space.resources.cpus, "gpu": space.resources.gpus}
+    )
+    if resume:
+        # The restored Tuner brings back its callbacks and configs from the experiment.
+        return tune.Tuner.restore(
+            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+        )
+    run_config = tune.RunConfig(
+        name=space.name,
+        storage_path=str(exp_dir.parent),
+        callbacks=[TrialLogger(record), ProgressPrinter(space.epochs)],
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=0,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(space),
+        tune_config=_tune_config(space),
+        run_config=run_config,
+    )
+
+
+def _tracking_uri(given: str | None, record: SweepRecord | None) -> str:
+    if record is None:
+        return given or DEFAULT_TRACKING_URI
+    if given is not None and given != record.tracking_uri:
+        raise SpaceError(
+            f"this sweep is tracked at {record.tracking_uri}, not {given}; resume it there"
+        )
+    return record.tracking_uri
+
+
+def _experiment_started(exp_dir: Path) -> bool:
+    from ray.tune import Tuner
+
+    return exp_dir.is_dir() and Tuner.can_restore(str(exp_dir))
+
+
+def _space_params(space: SearchSpace) -> dict[str, Any]:
+    return space.model_dump(mode="json", exclude={"description"})
+
+
+def _print_table(table: pd.DataFrame, csv: Path, out: Any) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        text = table.drop(columns=["trial_id"]).to_string(
+            index=False, float_format=lambda v: f"{v:.4g}"
+        )
+    print(text, file=out)
+    print(f"\n{len(table)} trials; results written to {csv}", file=out)

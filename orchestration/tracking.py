@@ -1,0 +1,362 @@
+"""MLflow tracking of a sweep, all of it from the driver process.
+
+One parent run per sweep and one nested child run per trial (tag ``mlflow.parentRunId``).
+Every write goes through :class:`TrialLogger`, a Ray Tune callback that runs in the
+driver, or :class:`SweepTracker`, which the driver calls before and after the Tuner: one
+process writes, so a SQLite store never sees concurrent writers. Per-epoch metrics go in
+one ``log_batch`` per epoch, step = epoch. A resumed sweep finds its parent run in the Ray
+experiment directory (``mlflow_sweep.json``) and each trial's child by its ``trial_id``
+tag, so resuming adds no runs; reconciling the children with Ray's trial states at the end
+leaves no run RUNNING after a crash, a failed trial or an interrupted driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from ray.tune import Callback
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+    from ray.tune.experiment import Trial
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "RECORD_FILE",
+    "SweepRecord",
+    "SweepTracker",
+    "TrackingError",
+    "TrialLogger",
+    "check_tracking_uri",
+    "epoch_metrics",
+    "trial_status",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
+# Files of a trial's last checkpoint that become artifacts of its child run.
+TRIAL_ARTIFACTS = ("results.json", "robustness.png", "robustness.csv")
+# A trial's outcome -> the MLflow status of its run.
+_RUN_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FINISHED",
+    "stopped": "FINISHED",
+    "failed": "FAILED",
+    "interrupted": "KILLED",
+    "pending": "KILLED",
+}
+_PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which and why."""
+
+
+def check_tracking_uri(uri: str, *, timeout: float = _PROBE_TIMEOUT_S) -> None:
+    """Fail fast (within ``timeout`` seconds) when ``uri`` cannot be written to."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise TrackingError(f"{url} answered HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or "
+                f"track locally with --tracking-uri {DEFAULT_TRACKING_URI}"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.resolve().parent.is_dir():
+            raise TrackingError(f"{uri}: folder {db.resolve().parent} does not exist")
+    elif parsed.scheme in ("", "file"):
+        raise TrackingError(
+            f"{uri}: MLflow 3 refuses plain folder stores; use e.g. {DEFAULT_TRACKING_URI}"
+        )
+
+
+def trial_status(ray_status: str, last_result: Mapping[str, Any] | None) -> str:
+    """A trial's outcome: finished | diverged | stopped (early, by the scheduler) | failed |
+    interrupted | pending."""
+    if ray_status == "ERROR":
+        return "failed"
+    reported = (last_result or {}).get("status")
+    if ray_status == "TERMINATED":
+        return reported if reported in ("finished", "diverged") else "stopped"
+    return "interrupted" if last_result else "pending"
+
+
+def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The per-epoch metrics of ``modloss.train.fit`` in a Tune result (not Ray's own keys)."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if (k.startswith(("train_", "val_", "test_")) or k in ("lr", "epoch_seconds"))
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+    }
+
+
+def _params(config: Mapping[str, Any]) -> dict[str, str]:
+    # MLflow params are strings of at most 6000 characters; nested values as JSON.
+    out = {}
+    for k, v in config.items():
+        out[k] = json.dumps(v) if isinstance(v, dict | list) else str(v)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What a resumed sweep needs to find its MLflow runs again."""
+
+    sweep_id: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    @classmethod
+    def load(cls, exp_dir: Path) -> SweepRecord | None:
+        path = exp_dir / RECORD_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def save(self, exp_dir: Path) -> None:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = exp_dir / f"{RECORD_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(exp_dir / RECORD_FILE)
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _children(client: MlflowClient, record: SweepRecord) -> dict[str, Any]:
+    """The sweep's child runs by trial id."""
+    runs = client.search_runs(
+        [record.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{record.parent_run_id}'",
+        max_results=50_000,
+    )
+    return {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+
+
+class SweepTracker:
+    """The sweep's parent run: opened before the Tuner starts, closed after it returns."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.client = _client(tracking_uri)
+
+    def start(
+        self, exp_dir: Path, *, params: Mapping[str, Any], space_file: Path | None = None
+    ) -> SweepRecord:
+        """Reopen the parent run recorded in ``exp_dir``, or create one and record it."""
+        record = SweepRecord.load(exp_dir)
+        if record is not None:
+            self.client.update_run(record.parent_run_id, status="RUNNING")
+            return record
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = (
+            exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
+        )
+        sweep_id = uuid.uuid4().hex[:12]
+        run = self.client.create_run(
+            exp_id,
+            run_name=self.experiment,
+            tags={"sweep_id": sweep_id, "modloss.role": "sweep", "ray_experiment": str(exp_dir)},
+        )
+        from mlflow.entities import Param
+
+        self.client.log_batch(
+            run.info.run_id, params=[Param(k, v) for k, v in _params(params).items()]
+        )
+        if space_file is not None:
+            self.client.log_artifact(run.info.run_id, str(space_file))
+        record = SweepRecord(sweep_id, self.tracking_uri, exp_id, run.info.run_id)
+        record.save(exp_dir)
+        return record
+
+    def finish(self, record: SweepRecord, table: pd.DataFrame | None, csv: Path | None) -> str:
+        """Bring every child run in line with its trial's status, attach the results CSV
+        and close the parent: KILLED if any trial is unfinished, FAILED if any failed."""
+        statuses = [] if table is None else list(table["status"])
+        children = _children(self.client, record)
+        for row in [] if table is None else table.to_dict("records"):
+            run = children.pop(row["trial_id"], None)
+            if run is not None:
+                self._settle(run, row["status"])
+        for run in children.values():  # trials Ray no longer knows about
+            if run.info.status == "RUNNING":
+                self._settle(run, "interrupted")
+        if csv is not None and csv.is_file():
+            self.client.log_artifact(record.parent_run_id, str(csv))
+        if table is None or any(s in ("interrupted", "pending") for s in statuses):
+            status = "KILLED"
+        elif "failed" in statuses:
+            status = "FAILED"
+        else:
+            status = "FINISHED"
+        self.client.set_tag(record.parent_run_id, "status", status.lower())
+        self.client.set_terminated(record.parent_run_id, status)
+        return status
+
+    def _settle(self, run: Any, status: str) -> None:
+        expected = _RUN_STATUS[status]
+        if run.data.tags.get("status") != status:
+            self.client.set_tag(run.info.run_id, "status", status)
+        if run.info.status != expected:
+            self.client.set_terminated(run.info.run_id, expected)
+
+
+class TrialLogger(Callback):
+    """Ray Tune callback (driver side) writing one nested child run per trial.
+
+    Ray pickles the callbacks of a Tuner into its experiment state and restores them on
+    ``Tuner.restore``; only the constructor's arguments survive that, everything else is
+    rebuilt from MLflow.
+    """
+
+    def __init__(self, record: SweepRecord) -> None:
+        self.record = record
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_step: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"record": self.record}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["record"])
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = _client(self.record.tracking_uri)
+        return self._client
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        run = self._existing(trial.trial_id)
+        config = trial.config["train"]
+        if run is None:
+            run_id = self._create(trial, config)
+            self._last_step[trial.trial_id] = 0
+        else:
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            starts = int(run.data.tags.get("starts", "1")) + 1
+            self.client.set_tag(run_id, "starts", str(starts))
+            self.client.set_tag(run_id, "status", "running")
+            history = self.client.get_metric_history(run_id, "val_error")
+            self._last_step[trial.trial_id] = max((m.step for m in history), default=0)
+        self._runs[trial.trial_id] = run_id
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ):
+        from mlflow.entities import Metric
+
+        run_id = self._run_id(trial)
+        step = result.get("epoch")
+        # The final summary report (no step) and epochs logged before a restore are skipped.
+        if result.get("summary") or step is None or step <= self._last_step.get(trial.trial_id, 0):
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, int(step)) for k, v in epoch_metrics(result).items()]
+        self.client.log_batch(run_id, metrics=metrics, synchronous=True)
+        self._last_step[trial.trial_id] = int(step)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        from mlflow.entities import Metric
+
+        run_id = self._run_id(trial)
+        last = trial.last_result or {}
+        status = trial_status("TERMINATED", last)
+        now = int(time.time() * 1000)
+        summary = {
+            k: float(last[k])
+            for k in ("best_epoch", "best_val_error", "best_test_error", "final_test_error")
+            if isinstance(last.get(k), int | float) and math.isfinite(last[k])
+        }
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
+        self._log_checkpoint_files(run_id, trial)
+        self.client.set_tag(run_id, "status", status)
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        run_id = self._run_id(trial)
+        self.client.set_tag(run_id, "failures", str(trial.num_failures))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        run_id = self._run_id(trial)
+        error = trial.get_error() or "unknown error"
+        self.client.set_tag(run_id, "status", "failed")
+        self.client.set_tag(run_id, "error", str(error)[-5000:])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def _existing(self, trial_id: str) -> Any:
+        runs = self.client.search_runs(
+            [self.record.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{self.record.parent_run_id}' "
+                f"and tags.trial_id = '{trial_id}'"
+            ),
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def _create(self, trial: Trial, config: Mapping[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        from orchestration.spaces import train_config
+
+        config = train_config(config)
+        tags = {
+            "mlflow.parentRunId": self.record.parent_run_id,
+            "sweep_id": self.record.sweep_id,
+            "trial_id": trial.trial_id,
+            "model": config["model"],
+            "lam": repr(config["lam"]),
+            "trial": str(config["trial"]),
+            "lr": repr(config["lr"]),
+            "status": "running",
+            "starts": "1",
+        }
+        run = self.client.create_run(self.record.experiment_id, run_name=str(trial), tags=tags)
+        params = [Param(k, v) for k, v in _params(config).items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def _run_id(self, trial: Trial) -> str:
+        if trial.trial_id not in self._runs:  # e.g. a restored trial that never restarted
+            run = self._existing(trial.trial_id)
+            if run is None:
+                self.on_trial_start(0, [], trial)
+            else:
+                self._runs[trial.trial_id] = run.info.run_id
+        return self._runs[trial.trial_id]
+
+    def _log_checkpoint_files(self, run_id: str, trial: Trial) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            for name in TRIAL_ARTIFACTS:
+                path = Path(directory, name)
+                if path.is_file():
+                    self.client.log_artifact(run_id, str(path))
