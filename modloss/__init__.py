@@ -4,4 +4,6 @@ batched ensembles, data pipelines, training protocol and analyses around it.
 A plain PyTorch library: nothing here imports Ray or MLflow.
 """
 
-__all__: list[str] = []
+from modloss.models import create_model, list_models, register_model
+
+__all__: list[str] = ["create_model", "list_models", "register_model"]
