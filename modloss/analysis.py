@@ -165,7 +165,8 @@ def plot_robustness(
     ax = fig.subplots()
     for label, frame in frames.items():
         drop = frame[frame.scheme == "drop_k"].groupby("dropped").accuracy.agg(["mean", "std"])
-        line = ax.plot(drop.index, drop["mean"], label=f"{label}: drop k")[0]
+        prefix = f"{label}: " if label else ""
+        line = ax.plot(drop.index, drop["mean"], label=f"{prefix}drop k members")[0]
         ax.fill_between(
             drop.index,
             drop["mean"] - drop["std"],
@@ -183,7 +184,7 @@ def plot_robustness(
             yerr=bern["std"],
             fmt="o",
             color=line.get_color(),
-            label=f"{label}: keep each with p",
+            label=f"{prefix}keep each member with probability p",
         )
     ax.set_xlabel("members dropped")
     ax.set_ylabel("test accuracy")
