@@ -25,7 +25,7 @@ COPY modloss/__init__.py modloss/
 COPY orchestration/__init__.py orchestration/
 COPY dashboards/__init__.py dashboards/
 RUN pip install "ray[default,tune,train]==${RAY_VERSION}" "mlflow==${MLFLOW_VERSION}" \
-        ".[sweep,vision,cluster]" \
+        ".[sweep,vision]" \
     && python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 COPY modloss/ modloss/

@@ -1,0 +1,312 @@
+"""A sweep's tracked runs, read back from MLflow into tidy tables.
+
+The names read here are the ones ``orchestration.tracking`` writes: a parent run per sweep
+(tag ``modloss.role = sweep``, ``sweep_id``), one child run per trial (tags ``model``,
+``lam``, ``trial``, ``status``; summary metrics ``best_epoch``, ``best_test_error`` ...;
+per-epoch metrics with step = epoch) and the per-trial CSV artifacts (``robustness.csv``,
+``specialists.csv``, ``member_entropy.csv``, ``confusion.csv``). Anything missing (a trial
+still running, an artifact never written) becomes absent rows, never an error: the report
+shows the gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = [
+    "CURVE_METRICS",
+    "ExperimentNotFound",
+    "SweepData",
+    "load_sweep",
+]
+
+RUN_COLUMNS = [
+    "run_id",
+    "model",
+    "lam",
+    "trial",
+    "status",
+    "best_epoch",
+    "best_val_error",
+    "best_test_error",
+    "final_test_error",
+]
+# Fig. 3: the test losses at the best-validation epoch.
+LOSS_METRICS = {"ensemble_nll": "test_ensemble_nll", "member_nll": "test_member_nll"}
+# Fig. 7: error over epochs, ensemble and members.
+CURVE_METRICS = [
+    "test_error",
+    "test_member_error_min",
+    "test_member_error_mean",
+    "test_member_error_max",
+]
+# Trial outcomes whose best-validation test error is a result.
+DONE = ("finished", "diverged")
+_FETCH_THREADS = 8
+
+
+class ExperimentNotFound(LookupError):
+    """No such MLflow experiment (the message lists the ones that exist)."""
+
+
+def _empty(*columns: str) -> pd.DataFrame:
+    return pd.DataFrame(columns=list(columns))
+
+
+@dataclass
+class SweepData:
+    """Everything the report draws, as tidy frames keyed by ``model``, ``lam``, ``trial``."""
+
+    experiment: str
+    experiment_id: str | None = None
+    tracking_uri: str = ""
+    sweep_id: str | None = None
+    parent_run_id: str | None = None
+    runs: pd.DataFrame = field(default_factory=lambda: _empty(*RUN_COLUMNS))
+    # model, lam, trial, ensemble_nll, member_nll
+    losses: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", *LOSS_METRICS)
+    )
+    # model, lam, trial, epoch, *CURVE_METRICS
+    curves: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", "epoch", *CURVE_METRICS)
+    )
+    # model, lam, trial, dropped, accuracy (drop-k scheme, mean over draws)
+    robustness: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", "dropped", "accuracy")
+    )
+    # model, lam, trial, class, random_member, specialist_member, random_subset, specialist_subset
+    specialists: pd.DataFrame = field(
+        default_factory=lambda: _empty(
+            "model",
+            "lam",
+            "trial",
+            "class",
+            "random_member",
+            "specialist_member",
+            "random_subset",
+            "specialist_subset",
+        )
+    )
+    # model, lam, trial, member, entropy (mean predictive entropy on the test set, nats)
+    entropy: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", "member", "entropy")
+    )
+    # model, lam, trial, member, true, predicted, count
+    confusion: pd.DataFrame = field(
+        default_factory=lambda: _empty(
+            "model", "lam", "trial", "member", "true", "predicted", "count"
+        )
+    )
+
+    @property
+    def done(self) -> pd.DataFrame:
+        """Runs with a result: finished or diverged, with a best-validation test error."""
+        runs = self.runs
+        ok = runs["status"].isin(DONE) & runs["best_test_error"].notna()
+        return runs[ok]
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _find_experiment(client: MlflowClient, name: str, tracking_uri: str):
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        available = ", ".join(repr(n) for n in names) or "none"
+        raise ExperimentNotFound(
+            f"no MLflow experiment named {name!r} at {tracking_uri}; "
+            f"available experiments: {available}"
+        )
+    return experiment
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    if name in frame.columns:
+        return frame[name]
+    return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+
+
+def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
+    import mlflow
+
+    # Without a parent (runs logged by hand), every run that has the trial tags counts.
+    query = "" if parent_run_id is None else f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    frame = mlflow.search_runs([experiment_id], filter_string=query)
+    frame = frame[_column(frame, "tags.model").notna() & _column(frame, "tags.lam").notna()]
+    runs = pd.DataFrame(
+        {
+            "run_id": _column(frame, "run_id"),
+            "model": _column(frame, "tags.model"),
+            "lam": pd.to_numeric(_column(frame, "tags.lam"), errors="coerce"),
+            "trial": pd.to_numeric(_column(frame, "tags.trial"), errors="coerce"),
+            "status": _column(frame, "tags.status").fillna("unknown"),
+        }
+    )
+    for metric in ("best_epoch", "best_val_error", "best_test_error", "final_test_error"):
+        runs[metric] = pd.to_numeric(_column(frame, f"metrics.{metric}"), errors="coerce")
+    runs = runs.dropna(subset=["lam", "trial"]).astype({"trial": int})
+    return runs.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
+
+
+def _parent_run(experiment_id: str, sweep_id: str | None) -> pd.Series | None:
+    import mlflow
+
+    query = "tags.`modloss.role` = 'sweep'"
+    if sweep_id is not None:
+        query += f" and tags.sweep_id = '{sweep_id}'"
+    parents = mlflow.search_runs([experiment_id], filter_string=query, order_by=["start_time DESC"])
+    if parents.empty:
+        if sweep_id is not None:
+            raise ExperimentNotFound(f"no sweep with sweep_id {sweep_id!r} in this experiment")
+        return None
+    return parents.iloc[0]
+
+
+def _fetch_all(fn: Callable, items: list) -> list:
+    if not items:
+        return []
+    with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
+def _histories(client: MlflowClient, runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per-epoch values of ``metrics`` for ``runs``: model, lam, trial, epoch, *metrics."""
+
+    def fetch(row: dict) -> pd.DataFrame:
+        series = {}
+        for metric in metrics:
+            points = client.get_metric_history(row["run_id"], metric)
+            series[metric] = pd.Series({p.step: p.value for p in points}, dtype=float)
+        frame = pd.DataFrame(series).rename_axis("epoch").reset_index()
+        return frame.assign(model=row["model"], lam=row["lam"], trial=row["trial"])
+
+    frames = [f for f in _fetch_all(fetch, runs.to_dict("records")) if len(f)]
+    columns = ["model", "lam", "trial", "epoch", *metrics]
+    if not frames:
+        return _empty(*columns)
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def _artifact_tables(
+    client: MlflowClient, runs: pd.DataFrame, name: str, workdir: Path
+) -> pd.DataFrame:
+    """The CSV artifact ``name`` of every run that has one, tagged with model, lam, trial."""
+
+    def fetch(row: dict) -> pd.DataFrame | None:
+        available = {f.path for f in client.list_artifacts(row["run_id"])}
+        if name not in available:
+            return None
+        dst = workdir / row["run_id"]
+        dst.mkdir(exist_ok=True)
+        path = client.download_artifacts(row["run_id"], name, str(dst))
+        frame = pd.read_csv(path)
+        return frame.assign(model=row["model"], lam=row["lam"], trial=row["trial"])
+
+    frames = [f for f in _fetch_all(fetch, runs.to_dict("records")) if f is not None]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _losses_at_best_epoch(client: MlflowClient, done: pd.DataFrame) -> pd.DataFrame:
+    history = _histories(client, done, list(LOSS_METRICS.values()))
+    best = done[["model", "lam", "trial", "best_epoch"]].rename(columns={"best_epoch": "epoch"})
+    merged = history.merge(best, on=["model", "lam", "trial", "epoch"])
+    merged = merged.rename(columns={v: k for k, v in LOSS_METRICS.items()})
+    return merged[["model", "lam", "trial", *LOSS_METRICS]]
+
+
+def _robustness_curves(table: pd.DataFrame) -> pd.DataFrame:
+    if table.empty or "scheme" not in table.columns:
+        return _empty("model", "lam", "trial", "dropped", "accuracy")
+    drop = table[table["scheme"] == "drop_k"]
+    return drop.groupby(["model", "lam", "trial", "dropped"], as_index=False)["accuracy"].mean()
+
+
+def first_trials(runs: pd.DataFrame) -> pd.DataFrame:
+    """The lowest-numbered trial of each (model, lam): the "single trial" figures use it."""
+    if runs.empty:
+        return runs
+    first = runs.groupby(["model", "lam"])["trial"].transform("min")
+    return runs[runs["trial"] == first]
+
+
+def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = None) -> SweepData:
+    """Read the latest sweep (or sweep ``sweep_id``) of MLflow experiment ``experiment``.
+
+    Raises :class:`ExperimentNotFound` naming the experiments that do exist.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = _find_experiment(client, experiment, tracking_uri)
+    with _tracking_uri(tracking_uri):
+        parent = _parent_run(exp.experiment_id, sweep_id)
+        parent_id = None if parent is None else parent["run_id"]
+        runs = _child_runs(exp.experiment_id, parent_id)
+    data = SweepData(
+        experiment=experiment,
+        experiment_id=exp.experiment_id,
+        tracking_uri=tracking_uri,
+        sweep_id=None if parent is None else parent.get("tags.sweep_id"),
+        parent_run_id=parent_id,
+        runs=runs,
+    )
+    done = data.done
+    data.losses = _losses_at_best_epoch(client, done)
+    data.curves = _histories(client, first_trials(runs), CURVE_METRICS)
+    with tempfile.TemporaryDirectory(prefix="modloss-report-") as tmp:
+        workdir = Path(tmp)
+        data.robustness = _robustness_curves(
+            _artifact_tables(client, done, "robustness.csv", workdir)
+        )
+        specialists = _artifact_tables(client, done, "specialists.csv", workdir)
+        if not specialists.empty:
+            data.specialists = specialists
+        single = first_trials(done)
+        entropy = _artifact_tables(client, single, "member_entropy.csv", workdir)
+        if not entropy.empty:
+            data.entropy = entropy
+        confusion = _artifact_tables(client, single, "confusion.csv", workdir)
+        if not confusion.empty:
+            data.confusion = confusion
+    return data
+
+
+def fmt_lam(lam: float) -> str:
+    return f"{lam:g}"
+
+
+def num_members(model: str) -> int:
+    """Ensemble size from a paper-style name: ``256-M-4-H`` -> 256, ``DN-64-6-16`` -> 16,
+    ``CNN-10`` -> 10; 1 when the name says nothing."""
+    head, _, rest = model.partition("-M-")
+    if rest and head.isdigit():
+        return int(head)
+    tail = model.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 1
+
+
+def is_missing(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

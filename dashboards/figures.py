@@ -1,0 +1,375 @@
+"""The paper's figures from a sweep's tidy tables (:class:`dashboards.data.SweepData`).
+
+Every builder returns a :class:`matplotlib.figure.Figure` (drawn with Agg, no pyplot
+state) and never raises for missing data: absent configurations are listed in a note on
+the figure, and a figure with nothing to draw says so.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from dashboards.data import SweepData, first_trials, fmt_lam, num_members
+
+__all__ = [
+    "FIGURES",
+    "fig2_test_error",
+    "fig3_losses",
+    "fig4_robustness",
+    "fig5_specialists",
+    "fig7_error_curves",
+    "fig10_confusion",
+    "focus_model",
+    "missing_cells",
+]
+
+# The configuration the paper uses for its single-model figures (Fig. 10, Table 6).
+PAPER_FOCUS = ("DN-64-6-16", "256-M-4-H")
+
+
+def _sorted_models(models: Iterable[str]) -> list[str]:
+    return sorted(set(models), key=lambda m: (num_members(m), m))
+
+
+def focus_model(models: Iterable[str]) -> str | None:
+    """The paper's model for single-configuration figures if present, else the largest
+    ensemble (most members) in the sweep."""
+    present = _sorted_models(models)
+    for name in PAPER_FOCUS:
+        if name in present:
+            return name
+    return present[-1] if present else None
+
+
+def missing_cells(data: SweepData) -> list[tuple[str, float]]:
+    """(model, lam) cells of the sweep's grid (models x lambdas seen) without a result."""
+    runs = data.runs
+    if runs.empty:
+        return []
+    have = set(map(tuple, data.done[["model", "lam"]].drop_duplicates().to_numpy()))
+    return [
+        (m, lam)
+        for m in _sorted_models(runs["model"])
+        for lam in sorted(runs["lam"].unique())
+        if (m, lam) not in have
+    ]
+
+
+def _mean_se(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """Mean, standard error (sample std / sqrt n; NaN for one trial) and n per group."""
+    grouped = frame.groupby(keys)[value]
+    out = grouped.agg(["mean", "std", "count"]).reset_index()
+    out["se"] = out["std"] / np.sqrt(out["count"])
+    return out.rename(columns={"count": "n"})
+
+
+def _note(fig: Figure, lines: list[str], *, color: str = "firebrick") -> None:
+    """Notes under the plot: red for gaps in the data, grey for plain information."""
+    if lines:
+        text = "\n".join(textwrap.shorten(line, 150) for line in lines[:6])
+        if len(lines) > 6:
+            text += f"\n(+{len(lines) - 6} more)"
+        fig.text(0.01, 0.005, text, fontsize="x-small", color=color, va="bottom")
+
+
+def _empty_figure(title: str, reason: str) -> Figure:
+    fig = Figure(figsize=(6.4, 2.4))
+    fig.text(0.5, 0.62, title, ha="center", fontsize="large")
+    fig.text(0.5, 0.38, reason, ha="center", color="firebrick", wrap=True)
+    return fig
+
+
+def _missing_note(cells: list[tuple[str, float]], what: str = "no result") -> list[str]:
+    if not cells:
+        return []
+    listed = ", ".join(f"{m} λ={fmt_lam(lam)}" for m, lam in cells)
+    return [f"missing ({what}): {listed}"]
+
+
+def _bottom_margin(fig: Figure, notes: list[str], *, top: float = 1.0) -> None:
+    rows = min(len(notes), 7)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * rows if rows else 0, 1, top))
+
+
+# --------------------------------------------------------------------------- Fig. 2
+
+
+def fig2_test_error(data: SweepData) -> Figure:
+    """Ensemble test error (at the best-validation epoch) against λ, one line per
+    configuration: mean and standard error over trials."""
+    done = data.done
+    if done.empty:
+        return _empty_figure("Fig. 2: test error vs λ", "no finished runs yet")
+    stats = _mean_se(done, ["model", "lam"], "best_test_error")
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    for model in _sorted_models(stats["model"]):
+        s = stats[stats["model"] == model].sort_values("lam")
+        ax.errorbar(
+            s["lam"],
+            100 * s["mean"],
+            yerr=100 * s["se"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=model,
+        )
+    ax.set_xlabel("λ")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Ensemble test error vs λ (mean ± s.e. over trials)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    notes = _missing_note(missing_cells(data))
+    single = stats[stats["n"] < 2]
+    if len(single):
+        notes.append(f"{len(single)} point(s) from a single trial: no error bar")
+    _note(fig, notes)
+    _bottom_margin(fig, notes)
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 3
+
+
+def fig3_losses(data: SweepData) -> Figure:
+    """Test cross-entropy of the ensemble and the mean member cross-entropy against λ,
+    one panel per configuration (the paper shows 256-M-4-H)."""
+    losses = data.losses.dropna(subset=["ensemble_nll", "member_nll"], how="all")
+    if losses.empty:
+        return _empty_figure("Fig. 3: ensemble and member loss vs λ", "no test losses logged")
+    models = _sorted_models(losses["model"])
+    fig = Figure(figsize=(4.2 * len(models), 3.8))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        frame = losses[losses["model"] == model]
+        for column, label in (
+            ("ensemble_nll", "ensemble loss"),
+            ("member_nll", "mean member loss"),
+        ):
+            s = _mean_se(frame.dropna(subset=[column]), ["lam"], column).sort_values("lam")
+            ax.errorbar(
+                s["lam"], s["mean"], yerr=s["se"].fillna(0), marker="o", capsize=3, label=label
+            )
+        ax.set_title(model)
+        ax.set_xlabel("λ")
+        ax.set_ylabel("test cross-entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    notes = _missing_note(missing_cells(data))
+    _note(fig, notes)
+    _bottom_margin(fig, notes)
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 4
+
+
+def fig4_robustness(data: SweepData) -> Figure:
+    """Test accuracy with k members dropped at random (mean over draws, then trials),
+    one line per λ, one panel per configuration."""
+    curves = data.robustness
+    if curves.empty:
+        return _empty_figure(
+            "Fig. 4: robustness to dropped members", "no robustness.csv artifacts logged"
+        )
+    models = _sorted_models(curves["model"])
+    fig = Figure(figsize=(4.6 * len(models), 3.9))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        frame = curves[curves["model"] == model]
+        for lam in sorted(frame["lam"].unique()):
+            s = _mean_se(frame[frame["lam"] == lam], ["dropped"], "accuracy").sort_values("dropped")
+            ax.plot(s["dropped"], 100 * s["mean"], marker=".", label=f"λ={fmt_lam(lam)}")
+            ax.fill_between(
+                s["dropped"],
+                100 * (s["mean"] - s["se"].fillna(0)),
+                100 * (s["mean"] + s["se"].fillna(0)),
+                alpha=0.2,
+            )
+        ax.set_title(f"{model} ({num_members(model)} members)")
+        ax.set_xlabel("members dropped at random")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    expected = {(m, lam) for m, lam in map(tuple, data.done[["model", "lam"]].to_numpy())}
+    have = set(map(tuple, curves[["model", "lam"]].drop_duplicates().to_numpy()))
+    lacking = sorted(c for c in expected - have if num_members(c[0]) > 1)
+    notes = _missing_note(lacking, "no robustness curve")
+    _note(fig, notes)
+    _bottom_margin(fig, notes)
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 5
+
+_F1_SERIES = {
+    "member": (("random_member", "random"), ("specialist_member", "selected on validation")),
+    "subset": (("random_subset", "random"), ("specialist_subset", "selected on validation")),
+}
+
+
+def fig5_specialists(data: SweepData) -> Figure:
+    """Mean one-vs-all F1 of random vs validation-selected single members (left) and
+    sub-ensembles (right) against λ; one row per configuration."""
+    spec = data.specialists
+    if spec.empty:
+        return _empty_figure("Fig. 5: specialists", "no specialists.csv artifacts logged")
+    columns = [c for pair in _F1_SERIES.values() for c, _ in pair]
+    # Mean over the one-vs-all problems of each trial, then mean ± s.e. over trials.
+    per_trial = spec.groupby(["model", "lam", "trial"], as_index=False)[columns].mean()
+    models = _sorted_models(per_trial["model"])
+    fig = Figure(figsize=(9, 3.4 * len(models)))
+    axes = fig.subplots(len(models), 2, squeeze=False, sharex=True)
+    for row, model in zip(axes, models, strict=True):
+        frame = per_trial[per_trial["model"] == model]
+        for ax, (kind, series) in zip(row, _F1_SERIES.items(), strict=True):
+            for column, label in series:
+                s = _mean_se(frame, ["lam"], column).sort_values("lam")
+                ax.errorbar(
+                    s["lam"], s["mean"], yerr=s["se"].fillna(0), marker="o", capsize=3, label=label
+                )
+            what = "single member" if kind == "member" else "sub-ensemble"
+            ax.set_title(f"{model}: {what}")
+            ax.set_xlabel("λ")
+            ax.set_ylabel("mean one-vs-all test F1")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    expected = {(m, lam) for m, lam in map(tuple, data.done[["model", "lam"]].to_numpy())}
+    have = set(map(tuple, spec[["model", "lam"]].drop_duplicates().to_numpy()))
+    notes = _missing_note(sorted(expected - have), "no specialists table")
+    _note(fig, notes)
+    _bottom_margin(fig, notes)
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 7
+
+
+def fig7_error_curves(data: SweepData) -> Figure:
+    """Ensemble test error and the members' test errors (mean, min-max band) over epochs
+    for one trial of each configuration: rows are configurations, columns λ."""
+    curves = first_trials(data.curves.dropna(subset=["test_error"]))
+    if curves.empty:
+        return _empty_figure("Fig. 7: error over epochs", "no per-epoch metrics logged")
+    models = _sorted_models(curves["model"])
+    lams = sorted(data.runs["lam"].unique()) if len(data.runs) else sorted(curves["lam"].unique())
+    fig = Figure(figsize=(2.6 * len(lams) + 0.6, 2.3 * len(models) + 0.5))
+    axes = fig.subplots(len(models), len(lams), squeeze=False, sharey=True)
+    for i, model in enumerate(models):
+        for j, lam in enumerate(lams):
+            ax = axes[i][j]
+            s = curves[(curves["model"] == model) & (curves["lam"] == lam)].sort_values("epoch")
+            if s.empty:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "missing",
+                    ha="center",
+                    va="center",
+                    color="firebrick",
+                    transform=ax.transAxes,
+                )
+            else:
+                epoch = s["epoch"]
+                if s["test_member_error_min"].notna().any():
+                    ax.fill_between(
+                        epoch,
+                        100 * s["test_member_error_min"],
+                        100 * s["test_member_error_max"],
+                        alpha=0.25,
+                        color="C1",
+                        label="members (min-max)",
+                    )
+                    ax.plot(
+                        epoch, 100 * s["test_member_error_mean"], color="C1", label="members (mean)"
+                    )
+                ax.plot(epoch, 100 * s["test_error"], color="C0", lw=2, label="ensemble")
+            if i == 0:
+                ax.set_title(f"λ={fmt_lam(lam)}", fontsize="small")
+            if j == 0:
+                ax.set_ylabel(f"{model}\ntest error (%)", fontsize="small")
+            if i == len(models) - 1:
+                ax.set_xlabel("epoch", fontsize="small")
+            ax.tick_params(labelsize="x-small")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:
+        if len(ax.get_legend_handles_labels()[0]) > len(handles):
+            handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=3, fontsize="x-small")
+    trials = sorted(curves["trial"].unique())
+    info = [f"one trial per cell (trial {', '.join(str(t) for t in trials)})"]
+    _note(fig, info, color="dimgrey")
+    _bottom_margin(fig, info, top=1 - 0.35 / fig.get_figheight())
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 10
+
+
+def fig10_confusion(data: SweepData, *, model: str | None = None, members: int = 4) -> Figure:
+    """Row-normalised test confusion matrices (x predicted, y true) of ``members`` evenly
+    spaced members of one trial, one row per λ (the paper: DN-64-6-16)."""
+    conf = data.confusion
+    if model is None and not conf.empty:
+        model = focus_model(conf["model"])
+    if conf.empty or model is None:
+        return _empty_figure("Fig. 10: member confusion matrices", "no confusion.csv artifacts")
+    conf = conf[conf["model"] == model]
+    if conf.empty:
+        return _empty_figure("Fig. 10: member confusion matrices", f"no confusion data for {model}")
+    lams = sorted(conf["lam"].unique())
+    k = int(max(conf["true"].max(), conf["predicted"].max())) + 1
+    present = sorted(int(j) for j in conf["member"].unique())
+    count = min(len(present), members)
+    picks = {round(i * (len(present) - 1) / max(1, count - 1)) for i in range(count)}
+    shown = [present[i] for i in sorted(picks)]
+    fig = Figure(figsize=(2.3 * len(shown) + 0.8, 2.3 * len(lams) + 0.6))
+    axes = fig.subplots(len(lams), len(shown), squeeze=False)
+    image = None
+    for i, lam in enumerate(lams):
+        frame = conf[conf["lam"] == lam]
+        trial = int(frame["trial"].min())
+        frame = frame[frame["trial"] == trial]
+        for j, member in enumerate(shown):
+            cells = frame[frame["member"] == member]
+            matrix = np.zeros((k, k))
+            np.add.at(
+                matrix,
+                (cells["true"].astype(int), cells["predicted"].astype(int)),
+                cells["count"].to_numpy(float),
+            )
+            rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+            ax = axes[i][j]
+            image = ax.imshow(rates, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"member {member}", fontsize="small")
+            if j == 0:
+                ax.set_ylabel(f"λ={fmt_lam(lam)}\ntrue", fontsize="small")
+            if i == len(lams) - 1:
+                ax.set_xlabel("predicted", fontsize="small")
+    fig.suptitle(f"{model}: per-member test confusion matrices", fontsize="medium")
+    expected = set(data.done.loc[data.done["model"] == model, "lam"])
+    notes = _missing_note([(model, lam) for lam in sorted(expected - set(lams))], "no matrices")
+    _note(fig, notes)
+    fig.tight_layout(rect=(0, 0.06 if notes else 0, 0.9, 1))
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), fraction=0.03, label="fraction of true class")
+    return fig
+
+
+FIGURES = {
+    "fig2_test_error": ("Fig. 2", fig2_test_error),
+    "fig3_losses": ("Fig. 3", fig3_losses),
+    "fig4_robustness": ("Fig. 4", fig4_robustness),
+    "fig5_specialists": ("Fig. 5", fig5_specialists),
+    "fig7_error_curves": ("Fig. 7", fig7_error_curves),
+    "fig10_confusion": ("Fig. 10", fig10_confusion),
+}
