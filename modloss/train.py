@@ -254,8 +254,8 @@ def fit(
     Results: ``status`` (``finished`` | ``diverged`` | ``stopped``), ``best_epoch``,
     ``best_val_error``, ``test_error`` (at ``best_epoch``), ``final_test_error``,
     ``diverged_epoch``, ``epochs_completed``, ``params``, ``model_config`` (the model's
-    constructor arguments), ``config`` and ``history`` (one
-    dict per completed epoch; see :mod:`modloss.metrics` for the metric names).
+    constructor arguments), ``config`` and ``history`` (one dict per completed epoch; see
+    :mod:`modloss.metrics` for the metric names).
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config)
     out = Path(out_dir) if out_dir is not None else None
@@ -311,20 +311,10 @@ def fit(
     )
     for epoch in range(start + 1, config.epochs + 1):
         tic = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        model.train()
-        train_acc = EpochMetrics(family, config.lam)
-        for x, y in loader:
-            eta = model(x)  # (M, B, K)
-            loss = modular_loss(eta, y, config.lam, family=family)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            train_acc.update(eta.detach(), y)
-            bar.update()
+        entry: dict[str, Any] = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+        train = _train_epoch(model, loader, optimizer, family, config.lam, bar)
         scheduler.step()
-        entry: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        entry.update(_prefixed("train", train_acc.compute()))
+        entry.update(_prefixed("train", train))
         if _finite(entry):
             eval_kw = {"family": family, "lam": config.lam, "batch_size": config.eval_batch_size}
             val, val_eta = evaluate(model, *splits.val, keep_eta=True, **eval_kw)
@@ -357,12 +347,35 @@ def fit(
         try:
             _run_callbacks(callbacks, epoch, entry, results, out)
         except StopTraining:
-            results["status"] = "stopped"
+            if results["status"] != "finished":
+                results["status"] = "stopped"
             break
     bar.close()
     if out is not None and results["status"] in ("diverged", "stopped"):
         _write_state(out, results, model, optimizer, scheduler, generator, best_model)
     return results
+
+
+def _train_epoch(
+    model: EnsembleModel,
+    loader: DeviceLoader,
+    optimizer: torch.optim.Optimizer,
+    family: str,
+    lam: float,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """One pass of SGD over ``loader``; the metrics come from the same forward passes."""
+    model.train()
+    metrics = EpochMetrics(family, lam)
+    for x, y in loader:
+        eta = model(x)  # (M, B, K)
+        loss = modular_loss(eta, y, lam, family=family)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        metrics.update(eta.detach(), y)
+        bar.update()
+    return metrics.compute()
 
 
 def _initial_results(config: TrainConfig, model: EnsembleModel) -> dict[str, Any]:
@@ -426,7 +439,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def _atomic_write_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    tmp.write_text(json.dumps(obj, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -217,7 +217,12 @@ def test_callbacks_see_each_checkpoint_and_can_stop_the_run(
     metrics = seen[1][1]
     assert metrics["best_test_error"] == stopped["test_error"]
     assert all(isinstance(v, int | float) for v in metrics.values())
-    continued = fit(config, out_dir=tmp_path)
+
+    def stop(epoch: int, metrics: dict[str, float], out_dir: Path | None) -> None:
+        raise StopTraining
+
+    # Continues from epoch 3; a stop at the last epoch leaves the run finished, not stopped.
+    continued = fit(config, [stop], out_dir=tmp_path)
     assert continued["status"] == "finished"
     assert _without_timing(continued["history"]) == _without_timing(run[0]["history"])
 
