@@ -29,7 +29,7 @@ gradient of Eq. (8).
 
 import math
 import numbers
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,8 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 class LossParts(NamedTuple):
     """The terms of the modular loss, reduced like the loss (``(N,)`` each for ``"none"``)
-    and detached (values to log; ``lam = 0`` and ``lam = 1`` give the first two as losses).
+    and detached: values to log. (Differentiable, ``ensemble`` and ``members`` are
+    :func:`modular_loss` at ``lam = 1`` and ``lam = 0``.)
 
     ``loss = members - lam * ambiguity = lam * ensemble + (1 - lam) * members``.
     """
@@ -297,13 +298,37 @@ def member_nll(eta: Tensor, target: Tensor, family: str = "categorical") -> Tens
     target = _check_target(eta, target, family)
     m, n, _ = eta.shape
     if family == "categorical":
-        # logsumexp over a leading class dimension: see _CategoricalParts.forward
+        # logsumexp over a leading class dimension: see _CategoricalModularLoss.forward
         log_partition = torch.logsumexp(eta.permute(2, 0, 1).contiguous(), dim=0)  # (M, N)
         index = target.view(1, n, 1).expand(m, n, 1)
         return log_partition - eta.gather(2, index).squeeze(2)
     if family == "gaussian":
         return 0.5 * (target - eta).square().sum(-1) + eta.shape[2] * _HALF_LOG_2PI
     return (eta.exp() - eta * target + torch.lgamma(target + 1)).sum(-1)
+
+
+@overload
+def modular_loss(
+    eta: Tensor,
+    target: Tensor,
+    lam: float,
+    *,
+    family: str = ...,
+    reduction: str = ...,
+    return_parts: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def modular_loss(
+    eta: Tensor,
+    target: Tensor,
+    lam: float,
+    *,
+    family: str = ...,
+    reduction: str = ...,
+    return_parts: Literal[True],
+) -> tuple[Tensor, LossParts]: ...
 
 
 def modular_loss(
