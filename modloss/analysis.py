@@ -122,7 +122,7 @@ def robustness(
         raise ValueError(f"keep_probs {keep_probs}: expected probabilities in (0, 1]")
     g = torch.Generator().manual_seed(seed)
     drop_masks = torch.cat([_random_subsets(draws, m, m - k, g) for k in drop_counts])
-    probs = torch.tensor(keep_probs, dtype=torch.float32).repeat_interleave(draws)  # (P*draws,)
+    probs = torch.tensor(keep_probs, dtype=torch.float64).repeat_interleave(draws)  # (P*draws,)
     keep = torch.rand(len(probs), m, generator=g) < probs.unsqueeze(1)
     forced = torch.randint(m, (len(probs),), generator=g)
     empty = ~keep.any(1)

@@ -49,34 +49,34 @@ def train(
     model: Annotated[str, typer.Option(help="Registered model name, e.g. 256-M-4-H.")],
     out: Annotated[Path, typer.Option(help="Run directory; re-running with it resumes.")],
     lam: Annotated[
-        float | None, typer.Option(help="Modular-loss lambda in [0, 1]. [default: 1]")
+        float | None, typer.Option(help="Modular-loss lambda in [0, 1]. (default: 1)")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs to train. [default: 200]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs to train. (default: 200)")] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="Dataset name. [default: fashion-mnist]")
+        str | None, typer.Option(help="Dataset name. (default: fashion-mnist)")
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Learning rate. [default: the paper's for model and lam]")
+        float | None, typer.Option(help="Learning rate. (default: the paper's for model and lam)")
     ] = None,
     trial: Annotated[
-        int | None, typer.Option(help="Trial: seeds the split, init and batch order. [default: 0]")
+        int | None, typer.Option(help="Trial: seeds the split, init and batch order. (default: 0)")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size. [default: 100]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size. (default: 100)")] = None,
     subset: Annotated[
         int | None, typer.Option(help="Use at most this many examples per split (smoke runs).")
     ] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum. [default: 0.9]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay. [default: 0]")] = None,
-    nesterov: Annotated[bool | None, typer.Option(help="Nesterov momentum. [default: no]")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum. (default: 0.9)")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay. (default: 0)")] = None,
+    nesterov: Annotated[bool | None, typer.Option(help="Nesterov momentum. (default: no)")] = None,
     milestone: Annotated[
         list[int] | None, typer.Option(help="Epoch at which lr is multiplied by gamma; repeatable.")
     ] = None,
-    gamma: Annotated[float | None, typer.Option(help="LR decay factor. [default: 0.1]")] = None,
+    gamma: Annotated[float | None, typer.Option(help="LR decay factor. (default: 0.1)")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="Dataset folder. [default: $MODLOSS_DATA_DIR or cache]")
+        Path | None, typer.Option(help="Dataset folder. (default: $MODLOSS_DATA_DIR or cache)")
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:N or mps. [default: cpu]")
+        str | None, typer.Option(help="cpu, cuda, cuda:N or mps. (default: cpu)")
     ] = None,
 ) -> None:
     """Train one ensemble with the paper's protocol; writes OUT/results.json, the
