@@ -135,7 +135,7 @@ def test_worker_reserves_a_gpu_and_has_no_fixed_name(resolved):
 def test_mlflow_uses_postgres_and_a_served_artifact_store(resolved):
     mlflow = resolved["services"]["mlflow"]
     command = " ".join(mlflow["command"])
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert "--artifacts-destination /mlflow-artifacts" in command
     hosts = re.search(r'--allowed-hosts "([^"]+)"', command)[1].split(",")
     assert {"mlflow:5000", "localhost:5000", "127.0.0.1:5000"} <= set(hosts)
