@@ -398,16 +398,15 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _format(path: str, err: ValidationError) -> str:
-    lines = [f"{path}: invalid search space"]
-    seen = set()
+def _error_lines(err: ValidationError) -> list[str]:
+    lines = []
     for e in err.errors():
-        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        line = f"  {_loc(e['loc'])}: {e.get('input')!r}: {msg}"
-        if line not in seen:
-            seen.add(line)
+        msg = e["msg"].removeprefix("Value error, ")
+        # Errors between keys (empty location) name their keys in the message.
+        line = f"  {_loc(e['loc'])}: {e.get('input')!r}: {msg}" if e["loc"] else f"  {msg}"
+        if line not in lines:
             lines.append(line)
-    return "\n".join(lines)
+    return lines
 
 
 def train_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -419,13 +418,15 @@ def train_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**checked, "device": config.get("device", "cpu")}
 
 
-def _check_train_configs(space: SearchSpace) -> None:
+def _check_train_configs(space: SearchSpace) -> str | None:
     for cfg in space.points():
         try:
             train_config(cfg)
-        except ValueError as exc:  # pydantic's ValidationError included
+        except ValidationError as exc:
             point = f"model={cfg['model']} lam={cfg['lam']} trial={cfg['trial']} lr={cfg['lr']}"
-            raise ValueError(f"trial ({point}) is not a valid TrainConfig: {exc}") from None
+            lines = [f"trial ({point}) is not a valid modloss.train.TrainConfig:"]
+            return "\n".join(lines + _error_lines(exc))
+    return None
 
 
 def load_space(path: str | Path, **overrides: Any) -> SearchSpace:
@@ -449,9 +450,8 @@ def load_space(path: str | Path, **overrides: Any) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
-        raise SpaceError(_format(path, exc)) from None
-    try:
-        _check_train_configs(space)
-    except ValueError as exc:
-        raise SpaceError(f"{path}: {exc}") from None
+        raise SpaceError("\n".join([f"{path}: invalid search space", *_error_lines(exc)])) from None
+    problem = _check_train_configs(space)
+    if problem is not None:
+        raise SpaceError(f"{path}: {problem}")
     return space

@@ -10,9 +10,12 @@ resumes from it. The experiment lives at ``STORAGE/NAME`` (NAME: the space's nam
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +53,6 @@ __all__ = [
 
 DEFAULT_STORAGE = "ray_results"
 RESULTS_CSV = "results.csv"
-FIT_DIR = "fit"  # fit's out_dir inside the trial's directory
 TABLE_COLUMNS = [
     "model",
     "lam",
@@ -75,34 +77,40 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from modloss.train import TrainConfig, fit
 
+    # Ray logs every persisted checkpoint at INFO: one line per trial and epoch.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     train = TrainConfig.model_validate(config["train"])
-    out_dir = Path(tune.get_context().get_trial_dir()) / FIT_DIR
-    shutil.rmtree(out_dir, ignore_errors=True)  # only Tune's checkpoint is authoritative
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as saved:
-            shutil.copytree(saved, out_dir)
+    # fit's folder is scratch space: Tune's checkpoint is authoritative, so a restarted
+    # trial starts from a copy of it (or from nothing), never from a stale local folder.
+    out_dir = Path(tempfile.mkdtemp(prefix=f"modloss-{tune.get_context().get_trial_id()}-"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(out_dir))
 
-    def report(epoch: int, metrics: dict[str, float], out: Path | None) -> None:
-        tune.report(
-            {**metrics, "status": "running"}, checkpoint=tune.Checkpoint.from_directory(out)
-        )
+        def report(epoch: int, metrics: dict[str, float], out: Path | None) -> None:
+            tune.report(
+                {**metrics, "status": "running"}, checkpoint=tune.Checkpoint.from_directory(out)
+            )
 
-    results = fit(train, [report], out_dir=out_dir)
-    if results["status"] == "finished":
-        _robustness_artifacts(out_dir, train)
-    summary = {
-        "summary": True,
-        "status": results["status"],
-        "epoch": results["epochs_completed"],
-        "best_epoch": results["best_epoch"],
-        "best_val_error": results["best_val_error"],
-        "best_test_error": results["test_error"],
-        "final_test_error": results["final_test_error"],
-        # Searchers and schedulers read the objective from the last report.
-        METRIC: results["best_val_error"] if results["status"] != "diverged" else math.nan,
-    }
-    tune.report(summary, checkpoint=tune.Checkpoint.from_directory(out_dir))
+        results = fit(train, [report], out_dir=out_dir)
+        finished = results["status"] == "finished"
+        if finished:
+            _robustness_artifacts(out_dir, train)
+        summary = {
+            "summary": True,
+            "status": results["status"],
+            "epoch": results["epochs_completed"],
+            "best_epoch": results["best_epoch"],
+            "best_val_error": results["best_val_error"],
+            "best_test_error": results["test_error"],
+            "final_test_error": results["final_test_error"],
+            # Searchers read the objective from the last report; a diverged run has none.
+            METRIC: results["best_val_error"] if finished else math.nan,
+        }
+        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(out_dir))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _robustness_artifacts(out_dir: Path, train: Any) -> None:
@@ -213,6 +221,21 @@ def results_table(trials: list[Trial]) -> pd.DataFrame:
     return table.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
 
 
+def sweep_status(table: pd.DataFrame | None, num_trials: int) -> str:
+    """The sweep's MLflow status: KILLED until every trial has ended, then FAILED if one
+    failed, else FINISHED."""
+    if table is None or len(table) < num_trials:
+        return "KILLED"  # the searcher had not even created every trial
+    if table["status"].isin(["interrupted", "pending"]).any():
+        return "KILLED"
+    return "FAILED" if (table["status"] == "failed").any() else "FINISHED"
+
+
+def _num_trials(space: SearchSpace) -> int:
+    grid = isinstance(space.search, GridSearch)
+    return len(space.points()) if grid else space.search.num_samples
+
+
 def _paper_lr(cfg: dict[str, Any]) -> float:
     from modloss.train import paper_lr
 
@@ -268,6 +291,13 @@ def run_sweep(
 
     from orchestration.tracking import SweepTracker
 
+    # Checkpointing every epoch with num_to_keep=1 makes Tune snapshot the experiment each
+    # epoch (what lets --resume after a killed driver lose at most one epoch); Tune warns.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Each snapshot copies every trial's Ray logs too; the metrics are in MLflow already
+    # (and ExperimentAnalysis need not warn that those logs are missing).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address=address, include_dashboard=False)
@@ -282,11 +312,12 @@ def run_sweep(
             table.to_csv(csv, index=False)
         finally:
             # Also after a second Ctrl-C (KeyboardInterrupt): no run is left RUNNING.
-            status = tracker.finish(record, table, csv if table is not None else None)
+            status = sweep_status(table, _num_trials(space))
+            tracker.finish(record, table, csv if table is not None else None, status)
     finally:
         if own_ray:
             ray.shutdown()
-    _print_table(table, csv, out)
+    _print_table(table, csv, out, _num_trials(space))
     return SweepOutcome(table, csv, record, status)
 
 
@@ -294,19 +325,26 @@ def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bo
     from ray import tune
 
     from orchestration.progress import ProgressPrinter
+    from orchestration.storage import atomic_local_filesystem
     from orchestration.tracking import TrialLogger
 
     trainable = tune.with_resources(
         train_trial, {"cpu": space.resources.cpus, "gpu": space.resources.gpus}
     )
+    filesystem = atomic_local_filesystem()
     if resume:
         # The restored Tuner brings back its callbacks and configs from the experiment.
         return tune.Tuner.restore(
-            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+            str(exp_dir),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
         )
     run_config = tune.RunConfig(
         name=space.name,
         storage_path=str(exp_dir.parent),
+        storage_filesystem=filesystem,
         callbacks=[TrialLogger(record), ProgressPrinter(space.epochs)],
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -340,7 +378,7 @@ def _space_params(space: SearchSpace) -> dict[str, Any]:
     return space.model_dump(mode="json", exclude={"description"})
 
 
-def _print_table(table: pd.DataFrame, csv: Path, out: Any) -> None:
+def _print_table(table: pd.DataFrame, csv: Path, out: Any, num_trials: int) -> None:
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_rows", 500):
@@ -348,4 +386,5 @@ def _print_table(table: pd.DataFrame, csv: Path, out: Any) -> None:
             index=False, float_format=lambda v: f"{v:.4g}"
         )
     print(text, file=out)
-    print(f"\n{len(table)} trials; results written to {csv}", file=out)
+    counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
+    print(f"\n{len(table)} of {num_trials} trials started ({counts}); table: {csv}", file=out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -192,29 +193,23 @@ class SweepTracker:
         record.save(exp_dir)
         return record
 
-    def finish(self, record: SweepRecord, table: pd.DataFrame | None, csv: Path | None) -> str:
-        """Bring every child run in line with its trial's status, attach the results CSV
-        and close the parent: KILLED if any trial is unfinished, FAILED if any failed."""
-        statuses = [] if table is None else list(table["status"])
+    def finish(
+        self, record: SweepRecord, table: pd.DataFrame | None, csv: Path | None, status: str
+    ) -> None:
+        """Bring every child run in line with its trial's status in ``table``, attach the
+        results CSV and close the parent run with ``status``."""
         children = _children(self.client, record)
         for row in [] if table is None else table.to_dict("records"):
             run = children.pop(row["trial_id"], None)
             if run is not None:
                 self._settle(run, row["status"])
-        for run in children.values():  # trials Ray no longer knows about
+        for run in children.values():  # no result table: the driver was interrupted
             if run.info.status == "RUNNING":
                 self._settle(run, "interrupted")
         if csv is not None and csv.is_file():
             self.client.log_artifact(record.parent_run_id, str(csv))
-        if table is None or any(s in ("interrupted", "pending") for s in statuses):
-            status = "KILLED"
-        elif "failed" in statuses:
-            status = "FAILED"
-        else:
-            status = "FINISHED"
         self.client.set_tag(record.parent_run_id, "status", status.lower())
         self.client.set_terminated(record.parent_run_id, status)
-        return status
 
     def _settle(self, run: Any, status: str) -> None:
         expected = _RUN_STATUS[status]
@@ -352,11 +347,17 @@ class TrialLogger(Callback):
         return self._runs[trial.trial_id]
 
     def _log_checkpoint_files(self, run_id: str, trial: Trial) -> None:
+        """Copy the few files worth keeping out of the trial's last checkpoint (which may
+        be large, and on any filesystem Ray supports) and attach them to its run."""
+        import pyarrow.fs as pafs
+
         checkpoint = trial.checkpoint
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as directory:
+        fs = checkpoint.filesystem
+        with tempfile.TemporaryDirectory() as tmp:
             for name in TRIAL_ARTIFACTS:
-                path = Path(directory, name)
-                if path.is_file():
-                    self.client.log_artifact(run_id, str(path))
+                source = f"{checkpoint.path}/{name}"
+                if fs.get_file_info(source).type == pafs.FileType.File:
+                    pafs.copy_files(source, f"{tmp}/{name}", source_filesystem=fs)
+                    self.client.log_artifact(run_id, f"{tmp}/{name}")

@@ -1,0 +1,93 @@
+"""End to end, in process: real Ray Tune, real ``modloss.train.fit`` on real Fashion-MNIST,
+a real MLflow server. Each sweep is the smoke space made smaller."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from orchestration.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _children(client: MlflowClient, parent_run_id: str, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+
+
+def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, tmp_path):
+    space = make_space(name="smoke-e2e", epochs=EPOCHS, subset=1000, lam=[0.0, 1.0])
+    out = io.StringIO()
+    outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path / "ray", out=out)
+
+    assert outcome.status == "FINISHED"
+    table = outcome.table
+    assert len(table) == 4 and set(table.status) == {"finished"}
+    assert set(zip(table.model, table.lam, strict=True)) == {
+        (m, lam) for m in ("16-M-64-H", "256-M-4-H") for lam in (0.0, 1.0)
+    }
+    assert (table.test_error < 0.9).all()  # learned something in two epochs on 1,000 images
+    pd.testing.assert_frame_equal(pd.read_csv(outcome.csv), table, check_dtype=False)
+    assert "4 finished" in out.getvalue()
+
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(outcome.record.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = _children(client, parent.info.run_id, "smoke-e2e")
+    assert len(children) == 4
+    for run in children:
+        params, tags = run.data.params, run.data.tags
+        row = table[table.trial_id == tags["trial_id"]].iloc[0]
+        assert (params["model"], float(params["lam"])) == (row.model, row.lam)
+        assert float(params["lr"]) == row.lr and params["epochs"] == str(EPOCHS)
+        assert tags["status"] == "finished" and run.info.status == "FINISHED"
+        assert tags["sweep_id"] == outcome.record.sweep_id
+        for key in ("train_loss", "val_error", "test_error"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+        assert run.data.metrics["best_test_error"] == pytest.approx(row.test_error)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"results.json", "robustness.png", "robustness.csv"} <= artifacts
+
+
+def test_absurd_learning_rate_is_recorded_as_diverged(
+    local_ray, mlflow_server, make_space, tmp_path
+):
+    space = make_space(
+        name="diverge-e2e",
+        models=["16-M-64-H"],
+        lam=[0.5, 1.0],
+        lr={"16-M-64-H": {0.5: 1.0e12, "default": 0.096}},
+        epochs=EPOCHS,
+        subset=500,
+    )
+    outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path, out=io.StringIO())
+
+    assert outcome.status == "FINISHED"  # a diverged trial ends normally
+    statuses = dict(zip(outcome.table.lam, outcome.table.status, strict=True))
+    assert statuses == {0.5: "diverged", 1.0: "finished"}
+    client = MlflowClient(mlflow_server)
+    runs = _children(client, outcome.record.parent_run_id, "diverge-e2e")
+    by_lam = {float(r.data.params["lam"]): r for r in runs}
+    assert by_lam[0.5].data.tags["status"] == "diverged"
+    assert by_lam[1.0].data.tags["status"] == "finished"
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    finished = client.get_metric_history(by_lam[1.0].info.run_id, "val_error")
+    assert len(finished) == EPOCHS
