@@ -32,6 +32,7 @@ import numbers
 from typing import Literal, NamedTuple, overload
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -401,7 +402,13 @@ def modular_loss(
     reduction = _check_choice("reduction", reduction, REDUCTIONS)
     eta = _check_eta(eta)
     target = _check_target(eta, target, family)
-    if family == "categorical":
+    if family == "categorical" and eta.shape[0] == 1:
+        # A lone member is its own ensemble, with no ambiguity: one fused cross_entropy.
+        ensemble = F.cross_entropy(eta[0], target, reduction="none")
+        loss = _reduce(ensemble, reduction)
+        ensemble = ensemble.detach()
+        ambiguity = torch.zeros_like(ensemble)
+    elif family == "categorical":
         loss, ensemble, ambiguity = _CategoricalModularLoss.apply(eta, target, lam, reduction)
     else:
         parts = _gaussian_parts if family == "gaussian" else _poisson_parts
