@@ -39,6 +39,7 @@ __all__ = [
     "SweepTracker",
     "TrackingError",
     "TrialLogger",
+    "analysis_tables",
     "check_tracking_uri",
     "epoch_metrics",
     "trial_status",
@@ -48,6 +49,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
 # Files of a trial's last checkpoint that become artifacts of its child run.
 TRIAL_ARTIFACTS = ("results.json", "robustness.png", "robustness.csv")
+# The best epoch's saved logits: too large to keep, summarised by analysis_tables into
+# small CSV artifacts that `modloss report` reads (Fig. 5, Fig. 10, Table 6).
+LOGIT_FILES = ("test_logits.pt", "val_logits.pt")
 # A trial's outcome -> the MLflow status of its run.
 _RUN_STATUS = {
     "finished": "FINISHED",
@@ -58,6 +62,45 @@ _RUN_STATUS = {
     "pending": "KILLED",
 }
 _PROBE_TIMEOUT_S = 5.0
+
+
+def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
+    """CSV tables (by file name) from the logits ``fit`` saved in ``directory``:
+    ``member_entropy.csv`` (each member's mean test entropy), ``confusion.csv`` (each
+    member's test confusion counts, non-zero cells) and, for two or more members,
+    ``specialists.csv`` (one-vs-all F1, random vs selected on validation). Empty when the
+    logits are missing or not categorical."""
+    import pandas as pd
+
+    from modloss.analysis import SUBSET_SIZE, confusion_matrices, load_logits, specialists
+    from modloss.metrics import member_entropy
+
+    try:
+        test, val = load_logits(directory, "test"), load_logits(directory, "val")
+    except FileNotFoundError:
+        return {}
+    if test.family != "categorical":
+        return {}
+    m = test.eta.shape[0]
+    entropy = member_entropy(test.eta).mean(1)  # (M,)
+    counts = confusion_matrices(test.eta, test.target)  # (M, K, K)
+    member, true, predicted = counts.nonzero(as_tuple=True)
+    tables = {
+        "member_entropy.csv": pd.DataFrame({"member": range(m), "entropy": entropy.tolist()}),
+        "confusion.csv": pd.DataFrame(
+            {
+                "member": member.tolist(),
+                "true": true.tolist(),
+                "predicted": predicted.tolist(),
+                "count": counts[member, true, predicted].tolist(),
+            }
+        ),
+    }
+    if m > 1:
+        size = min(SUBSET_SIZE, max(1, m // 2))  # as `modloss analyze specialists`
+        frame = specialists(val.eta, val.target, test.eta, test.target, subset_size=size)
+        tables["specialists.csv"] = frame.reset_index().assign(subset_size=size)
+    return tables
 
 
 class TrackingError(RuntimeError):
@@ -356,8 +399,12 @@ class TrialLogger(Callback):
             return
         fs = checkpoint.filesystem
         with tempfile.TemporaryDirectory() as tmp:
-            for name in TRIAL_ARTIFACTS:
+            for name in (*TRIAL_ARTIFACTS, *LOGIT_FILES):
                 source = f"{checkpoint.path}/{name}"
                 if fs.get_file_info(source).type == pafs.FileType.File:
                     pafs.copy_files(source, f"{tmp}/{name}", source_filesystem=fs)
-                    self.client.log_artifact(run_id, f"{tmp}/{name}")
+                    if name in TRIAL_ARTIFACTS:
+                        self.client.log_artifact(run_id, f"{tmp}/{name}")
+            for name, table in analysis_tables(Path(tmp)).items():
+                table.to_csv(Path(tmp, name), index=False)
+                self.client.log_artifact(run_id, str(Path(tmp, name)))
