@@ -41,6 +41,8 @@ def report(
         raise typer.Exit(2) from None
     built = build_report(data, out)
     typer.echo(f"{len(data.runs)} runs ({len(data.done)} with results) -> {built.html}")
+    if built.empty:
+        typer.echo(f"nothing to draw yet for: {', '.join(built.empty)}", err=True)
     if log:
         if log_report(data, built):
             typer.echo(f"logged to run {data.parent_run_id} under {ARTIFACT_PATH}/")

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from dashboards.data import SweepData, first_trials, fmt_lam, num_members
 
 __all__ = [
+    "EMPTY",
     "FIGURES",
     "fig2_test_error",
     "fig3_losses",
@@ -68,17 +69,25 @@ def _mean_se(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
     return out.rename(columns={"count": "n"})
 
 
-def _note(fig: Figure, lines: list[str], *, color: str = "firebrick") -> None:
-    """Notes under the plot: red for gaps in the data, grey for plain information."""
-    if lines:
-        text = "\n".join(textwrap.shorten(line, 150) for line in lines[:6])
-        if len(lines) > 6:
-            text += f"\n(+{len(lines) - 6} more)"
-        fig.text(0.01, 0.005, text, fontsize="x-small", color=color, va="bottom")
+def _note(fig: Figure, gaps: list[str], info: list[str] = ()) -> list[str]:
+    """Lines under the plot, gaps in the data in red and plain information in grey;
+    returns every line drawn (for :func:`_bottom_margin`)."""
+    lines = [(textwrap.shorten(g, 150), "firebrick") for g in gaps[:6]]
+    if len(gaps) > 6:
+        lines.append((f"(+{len(gaps) - 6} more)", "firebrick"))
+    lines += [(textwrap.shorten(i, 150), "dimgrey") for i in info]
+    step = 0.16 / fig.get_figheight()  # one line of x-small text, in figure fraction
+    for row, (text, color) in enumerate(reversed(lines)):
+        fig.text(0.01, 0.005 + row * step, text, fontsize="x-small", color=color, va="bottom")
+    return [text for text, _ in lines]
+
+
+EMPTY = "empty"  # the label of a figure that only says why it has nothing to draw
 
 
 def _empty_figure(title: str, reason: str) -> Figure:
     fig = Figure(figsize=(6.4, 2.4))
+    fig.set_label(EMPTY)
     fig.text(0.5, 0.62, title, ha="center", fontsize="large")
     fig.text(0.5, 0.38, reason, ha="center", color="firebrick", wrap=True)
     return fig
@@ -91,9 +100,20 @@ def _missing_note(cells: list[tuple[str, float]], what: str = "no result") -> li
     return [f"missing ({what}): {listed}"]
 
 
+def _lam_axis(ax, data: SweepData) -> None:
+    """The same λ range on every panel: the sweep's, whatever a panel has data for."""
+    lams = data.runs["lam"] if len(data.runs) else []
+    if len(lams):
+        lo, hi = float(min(lams)), float(max(lams))
+        pad = 0.05 * max(hi - lo, 0.1)
+        ax.set_xlim(lo - pad, hi + pad)
+    ax.set_xlabel("λ")
+
+
 def _bottom_margin(fig: Figure, notes: list[str], *, top: float = 1.0) -> None:
-    rows = min(len(notes), 7)
-    fig.tight_layout(rect=(0, 0.03 + 0.045 * rows if rows else 0, 1, top))
+    """tight_layout leaving room for the note lines under the axes."""
+    bottom = (0.1 + 0.16 * len(notes)) / fig.get_figheight() if notes else 0
+    fig.tight_layout(rect=(0, bottom, 1, top))
 
 
 # --------------------------------------------------------------------------- Fig. 2
@@ -118,16 +138,14 @@ def fig2_test_error(data: SweepData) -> Figure:
             capsize=3,
             label=model,
         )
-    ax.set_xlabel("λ")
+    _lam_axis(ax, data)
     ax.set_ylabel("test error (%)")
     ax.set_title("Ensemble test error vs λ (mean ± s.e. over trials)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    notes = _missing_note(missing_cells(data))
     single = stats[stats["n"] < 2]
-    if len(single):
-        notes.append(f"{len(single)} point(s) from a single trial: no error bar")
-    _note(fig, notes)
+    info = [f"{len(single)} point(s) from a single trial: no error bar"] if len(single) else []
+    notes = _note(fig, _missing_note(missing_cells(data)), info)
     _bottom_margin(fig, notes)
     return fig
 
@@ -155,12 +173,11 @@ def fig3_losses(data: SweepData) -> Figure:
                 s["lam"], s["mean"], yerr=s["se"].fillna(0), marker="o", capsize=3, label=label
             )
         ax.set_title(model)
-        ax.set_xlabel("λ")
+        _lam_axis(ax, data)
         ax.set_ylabel("test cross-entropy (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    notes = _missing_note(missing_cells(data))
-    _note(fig, notes)
+    notes = _note(fig, _missing_note(missing_cells(data)))
     _bottom_margin(fig, notes)
     return fig
 
@@ -198,8 +215,7 @@ def fig4_robustness(data: SweepData) -> Figure:
     expected = {(m, lam) for m, lam in map(tuple, data.done[["model", "lam"]].to_numpy())}
     have = set(map(tuple, curves[["model", "lam"]].drop_duplicates().to_numpy()))
     lacking = sorted(c for c in expected - have if num_members(c[0]) > 1)
-    notes = _missing_note(lacking, "no robustness curve")
-    _note(fig, notes)
+    notes = _note(fig, _missing_note(lacking, "no robustness curve"))
     _bottom_margin(fig, notes)
     return fig
 
@@ -222,26 +238,27 @@ def fig5_specialists(data: SweepData) -> Figure:
     # Mean over the one-vs-all problems of each trial, then mean ± s.e. over trials.
     per_trial = spec.groupby(["model", "lam", "trial"], as_index=False)[columns].mean()
     models = _sorted_models(per_trial["model"])
+    sizes = spec.groupby("model")["subset_size"].first() if "subset_size" in spec else {}
     fig = Figure(figsize=(9, 3.4 * len(models)))
-    axes = fig.subplots(len(models), 2, squeeze=False, sharex=True)
+    axes = fig.subplots(len(models), 2, squeeze=False)
     for row, model in zip(axes, models, strict=True):
         frame = per_trial[per_trial["model"] == model]
+        size = f"s of {int(sizes[model])}" if model in sizes else "s"
         for ax, (kind, series) in zip(row, _F1_SERIES.items(), strict=True):
             for column, label in series:
                 s = _mean_se(frame, ["lam"], column).sort_values("lam")
                 ax.errorbar(
                     s["lam"], s["mean"], yerr=s["se"].fillna(0), marker="o", capsize=3, label=label
                 )
-            what = "single member" if kind == "member" else "sub-ensemble"
+            what = "single member" if kind == "member" else f"sub-ensemble{size}"
             ax.set_title(f"{model}: {what}")
-            ax.set_xlabel("λ")
+            _lam_axis(ax, data)
             ax.set_ylabel("mean one-vs-all test F1")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
     expected = {(m, lam) for m, lam in map(tuple, data.done[["model", "lam"]].to_numpy())}
     have = set(map(tuple, spec[["model", "lam"]].drop_duplicates().to_numpy()))
-    notes = _missing_note(sorted(expected - have), "no specialists table")
-    _note(fig, notes)
+    notes = _note(fig, _missing_note(sorted(expected - have), "no specialists table"))
     _bottom_margin(fig, notes)
     return fig
 
@@ -304,8 +321,8 @@ def fig7_error_curves(data: SweepData) -> Figure:
         fig.legend(handles, labels, loc="upper center", ncol=3, fontsize="x-small")
     trials = sorted(curves["trial"].unique())
     info = [f"one trial per cell (trial {', '.join(str(t) for t in trials)})"]
-    _note(fig, info, color="dimgrey")
-    _bottom_margin(fig, info, top=1 - 0.35 / fig.get_figheight())
+    notes = _note(fig, [], info)
+    _bottom_margin(fig, notes, top=1 - 0.35 / fig.get_figheight())
     return fig
 
 
@@ -357,8 +374,8 @@ def fig10_confusion(data: SweepData, *, model: str | None = None, members: int =
                 ax.set_xlabel("predicted", fontsize="small")
     fig.suptitle(f"{model}: per-member test confusion matrices", fontsize="medium")
     expected = set(data.done.loc[data.done["model"] == model, "lam"])
-    notes = _missing_note([(model, lam) for lam in sorted(expected - set(lams))], "no matrices")
-    _note(fig, notes)
+    lacking = [(model, lam) for lam in sorted(expected - set(lams))]
+    notes = _note(fig, _missing_note(lacking, "no matrices"))
     fig.tight_layout(rect=(0, 0.06 if notes else 0, 0.9, 1))
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), fraction=0.03, label="fraction of true class")
@@ -366,10 +383,10 @@ def fig10_confusion(data: SweepData, *, model: str | None = None, members: int =
 
 
 FIGURES = {
-    "fig2_test_error": ("Fig. 2", fig2_test_error),
-    "fig3_losses": ("Fig. 3", fig3_losses),
-    "fig4_robustness": ("Fig. 4", fig4_robustness),
-    "fig5_specialists": ("Fig. 5", fig5_specialists),
-    "fig7_error_curves": ("Fig. 7", fig7_error_curves),
-    "fig10_confusion": ("Fig. 10", fig10_confusion),
+    "fig2_test_error": ("Fig. 2: test error vs λ", fig2_test_error),
+    "fig3_losses": ("Fig. 3: ensemble and member loss vs λ", fig3_losses),
+    "fig4_robustness": ("Fig. 4: robustness to dropped members", fig4_robustness),
+    "fig5_specialists": ("Fig. 5: specialist members and sub-ensembles", fig5_specialists),
+    "fig7_error_curves": ("Fig. 7: ensemble and member error over epochs", fig7_error_curves),
+    "fig10_confusion": ("Fig. 10: per-member confusion matrices", fig10_confusion),
 }

@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dashboards.data import SweepData, fmt_lam
-from dashboards.figures import FIGURES, missing_cells
+from dashboards.figures import EMPTY, FIGURES, missing_cells
 from dashboards.tables import MISSING, TABLES, status_counts
 
 __all__ = ["REPORT_HTML", "Report", "build_report", "log_report"]
@@ -98,6 +98,7 @@ class Report:
     html: Path
     figures: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, Path] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)  # figures with nothing to draw yet
 
 
 def _png(fig: Figure) -> bytes:
@@ -107,7 +108,8 @@ def _png(fig: Figure) -> bytes:
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    text = table.to_html(escape=True, na_rep=MISSING, border=0)
+    # The row labels become the first column: one header row, not pandas' two.
+    text = table.reset_index().to_html(index=False, escape=True, na_rep=MISSING, border=0)
     return text.replace(f"<td>{MISSING}</td>", f'<td class="missing">{MISSING}</td>')
 
 
@@ -129,7 +131,10 @@ def build_report(data: SweepData, out_dir: str | Path) -> Report:
     sections = []
 
     for key, (label, build) in FIGURES.items():
-        png = _png(build(data))
+        fig = build(data)
+        if fig.get_label() == EMPTY:
+            report.empty.append(key)
+        png = _png(fig)
         path = out / f"{key}.png"
         path.write_bytes(png)
         report.figures[key] = path

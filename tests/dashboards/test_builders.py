@@ -183,11 +183,12 @@ def test_confusion_figure_shows_row_normalised_matrices_per_lambda(full):
         assert (np.diag(rates) > 0.5).all()
 
 
-def test_every_builder_survives_an_empty_sweep():
+def test_every_builder_survives_an_empty_sweep(tmp_path):
     empty = SweepData(experiment="nothing yet")
     for _, build in FIGURES.values():
         fig = build(empty)
         assert "no " in _note_text(fig)
+    assert build_report(empty, tmp_path).empty == list(FIGURES)
     for _, build in TABLES.values():
         assert isinstance(build(empty), pd.DataFrame)
 
@@ -242,6 +243,7 @@ def test_first_trials_keeps_the_lowest_trial_per_cell(full):
 
 def test_report_is_one_self_contained_html_with_every_figure(partial, tmp_path):
     report = build_report(partial, tmp_path)
+    assert report.empty == []
     page = report.html.read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
     assert len(sources) == len(FIGURES) == len(report.figures)
