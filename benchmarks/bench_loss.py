@@ -7,13 +7,15 @@ Baselines, measured in the same run on the same tensors:
 - logsumexp: plain autograd through `torch.logsumexp` over the last dimension.
 
 The headline shape is (256, 100, 10): the 256-M-4-H ensemble on a Fashion-MNIST batch of 100.
-Reported times are the median of `torch.utils.benchmark` blocked runs (best of `--repeats`),
-so background load inflates them less; ratios are baseline / modloss.
+Reported times are the median of `torch.utils.benchmark` blocked runs, best of `--repeats`. On
+CPU they are the process's CPU time rather than wall time, which other processes on a shared
+machine inflate far less; ratios are baseline / modloss.
 
     .venv/bin/python benchmarks/bench_loss.py [--device cpu] [--threads 1] [--repeats 5]
 """
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,7 @@ def time_step(fn, eta: Tensor, target: Tensor, threads: int, repeats: int) -> fl
         "torch.autograd.grad(fn(eta, target, lam), eta)",
         globals={"torch": torch, "fn": fn, "eta": eta, "target": target, "lam": LAM},
         num_threads=threads,
+        timer=time.process_time if eta.device.type == "cpu" else time.perf_counter,
     )
     return min(timer.blocked_autorange(min_run_time=0.2).median for _ in range(repeats))
 
@@ -67,7 +70,8 @@ def main() -> None:
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
 
-    print(f"forward + backward, lam = {LAM}, float32, {device}, {args.threads} thread(s)")
+    clock = "CPU time" if device.type == "cpu" else "wall time"
+    print(f"forward + backward, lam = {LAM}, float32, {device}, {args.threads} thread(s), {clock}")
     header = f"{'(M, N, K)':>15}" + "".join(f"{name + ' us':>14}" for name in VARIANTS)
     header += f"{'naive/modloss':>15}{'logsumexp/modloss':>19}"
     print(header)
