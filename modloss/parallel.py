@@ -108,6 +108,16 @@ class Communicator:
         out = torch.cat([p[: int(s)] for p, s in zip(parts, sizes.tolist(), strict=True)])
         return out.movedim(0, dim)
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj``, in rank order (small per-epoch records; not
+        counted in ``floats``)."""
+        self.calls += 1
+        if self.world_size == 1:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
         """Overwrite ``tensor`` with rank ``src``'s copy, in place."""
         self.floats += tensor.numel()
