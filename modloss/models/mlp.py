@@ -56,9 +56,10 @@ class EnsembleMLP(EnsembleModel):
 
     def forward(self, x: Tensor, members: MemberSelection = None) -> Tensor:
         index = self._member_index(members)
-        # contiguous(): the batched matmul (forward and backward) is faster on a dense
-        # (M', N, hidden) block than on the strided view the shared layer returns.
-        h = F.relu(self.hidden(x.flatten(1), index)).contiguous()  # (M', N, hidden)
+        # One copy to a dense (M', N, hidden) block before the ReLU: the batched matmul and
+        # the ReLU's backward then read and write matching layouts (faster than both
+        # working on the strided view that the shared layer returns).
+        h = F.relu(self.hidden(x.flatten(1), index).contiguous())  # (M', N, hidden)
         return self.head(h, index)  # (M', N, K)
 
 
