@@ -5,25 +5,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 export MODLOSS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup system-deps run test lint bench clean
 
 $(BIN)/modloss: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[sweep,dev]"
 	touch $@
 
 setup: $(BIN)/modloss
 
+# Debian's chromium and postgresql, for the report and cluster tests (idempotent).
+system-deps:
+	bash .ci/install-system-deps.sh
+
 run: setup
-	$(BIN)/modloss train --model 256-M-4-H --lam 0.95 --epochs 3 --subset 10000 --out runs/quickstart
+	$(BIN)/modloss sweep search_spaces/fmnist_smoke.yaml
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+test: setup system-deps lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
