@@ -12,7 +12,6 @@ shows the gap.
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -306,7 +305,3 @@ def num_members(model: str) -> int:
         return int(head)
     tail = model.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else 1
-
-
-def is_missing(value: float | None) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -1,6 +1,7 @@
 """Sweeps as Ray Jobs: ``modloss submit``, ``modloss jobs`` and ``modloss logs``.
 
-``submit`` uploads the project directory as the job's working_dir and runs
+``submit`` uploads a local folder (the current one: the project) as the job's
+working_dir and runs
 ``modloss sweep SPACE --address auto --tracking-uri URI`` on the head node, so the sweep
 driver lives on the cluster and survives the laptop going to sleep. All three commands
 talk to the dashboard's job API (port 8265) through ``JobSubmissionClient``; when the
@@ -39,8 +40,6 @@ __all__ = [
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # The tracking server as the cluster's nodes reach it (the compose service).
 CLUSTER_TRACKING_URI = "http://mlflow:5000"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 # gitwildmatch patterns relative to the working_dir. Anchored with a leading slash:
 # a bare "data" would also drop the modloss/data package. Ray applies .gitignore too;
 # these hold even where the checkout has none.
@@ -122,14 +121,17 @@ def submit_sweep(
     storage: str | None = None,
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
-    working_dir: str | Path = PROJECT_ROOT,
+    working_dir: str | Path = ".",
     submission_id: str | None = None,
 ) -> str:
     """Submit ``modloss sweep SPACE`` as a Ray Job; returns the submission id."""
     working_dir = Path(working_dir)
     relative_space = _space_in_working_dir(Path(space), working_dir)
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(space).stem)
-    runtime_env: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES}
+    runtime_env: dict = {
+        "working_dir": str(working_dir.resolve()),
+        "excludes": WORKING_DIR_EXCLUDES,
+    }
     if env:
         runtime_env["env_vars"] = dict(env)
     entrypoint = sweep_entrypoint(
@@ -232,6 +234,9 @@ def submit(
     env: Annotated[
         list[str] | None, typer.Option("--env", help="KEY=VALUE for the job (repeatable).")
     ] = None,
+    working_dir: Annotated[
+        Path, typer.Option(help="Folder uploaded as the job's working_dir; holds SPACE.")
+    ] = Path("."),
     follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends.")] = True,
 ) -> None:
     """Submit a sweep to a Ray cluster as a Ray Job and stream its logs.
@@ -247,6 +252,7 @@ def submit(
             storage=storage,
             extra_args=ctx.args,
             env=_parse_env(env or []),
+            working_dir=working_dir,
         )
     typer.echo(f"submitted {job_id} to {address}", err=True)
     if not follow:

@@ -381,6 +381,6 @@ def test_a_space_outside_the_project_is_refused(tmp_path):
     space = tmp_path / "elsewhere.yaml"
     space.write_text("name: x\n")
     with pytest.raises(ValueError, match="outside the uploaded working_dir"):
-        submit_sweep(None, space)  # refused before any request
+        submit_sweep(None, space, working_dir=ROOT)  # refused before any request
     with pytest.raises(FileNotFoundError):
-        submit_sweep(None, ROOT / "search_spaces" / "no-such-space.yaml")
+        submit_sweep(None, ROOT / "search_spaces" / "no-such-space.yaml", working_dir=ROOT)
