@@ -117,9 +117,10 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker: our own group
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _modloss(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
