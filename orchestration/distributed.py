@@ -37,10 +37,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from modloss.data import DeviceLoader, load_splits, random_crop_flip
@@ -69,6 +68,7 @@ from modloss.train import (
     _seed,
     build_model,
 )
+from orchestration.spaces import METRIC, Distributed
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -91,25 +91,15 @@ STATE_FILE = "state-rank{rank}.pt"  # a worker's model, optimiser and loader sta
 TRAIN_RUNS_DIR = "train_runs"  # next to the Tune trials, when no storage path is given
 CHECKPOINTS_TO_KEEP = 2
 
+DistributedConfig = Distributed
+"""How a run is spread over Ray Train workers: ``strategy`` (``ddp`` | ``module``),
+``num_workers``, ``gpus_per_worker`` (0: CPUs and gloo; otherwise NCCL, and
+``TrainConfig.device`` is ignored), ``cpus_per_worker``, ``max_failures`` (worker-group
+restarts from the last checkpoint; -1: unlimited). The ``distributed:`` section of a search
+space."""
+
 WorkerCallback = Callable[[int, dict[str, Any], int], None]
 """``callback(epoch, metrics, rank)``, called on every worker after the epoch's report."""
-
-
-class DistributedConfig(BaseModel):
-    """How a run is spread over Ray Train workers.
-
-    ``gpus_per_worker=0`` trains on CPUs (gloo); otherwise each worker gets that many GPUs
-    (NCCL) and ``TrainConfig.device`` is ignored. ``max_failures`` is the number of worker
-    group restarts from the last checkpoint (-1: unlimited).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    strategy: Literal["ddp", "module"] = "ddp"
-    num_workers: int = Field(2, ge=1)
-    gpus_per_worker: float = Field(0.0, ge=0.0)
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    max_failures: int = Field(0, ge=-1)
 
 
 # --- driver side -------------------------------------------------------------------------
@@ -198,8 +188,6 @@ def train_trial(config: dict[str, Any]) -> None:
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestration.spaces import METRIC
 
     train = TrainConfig.model_validate(config["train"])
     spec = DistributedConfig.model_validate(config["distributed"])

@@ -188,11 +188,17 @@ class Optimizer(_Section):
 
 
 class Distributed(_Section):
-    """Ray Train settings for trials too large for one worker (not run by ``sweep`` yet)."""
+    """Ray Train settings: each trial trains on ``num_workers`` workers with
+    ``gpus_per_worker`` GPUs each (0: CPUs, gloo), data parallel (``ddp``) or module
+    parallel (``module``: members split across workers, the paper's section 3.3);
+    ``max_failures`` worker-group restarts from the last checkpoint within a trial (-1:
+    unlimited). :mod:`orchestration.distributed` runs it (as ``DistributedConfig``)."""
 
-    strategy: Literal["ddp", "module-parallel"] = "ddp"
-    num_workers: PositiveInt = 1
-    use_gpu: bool = False
+    strategy: Literal["ddp", "module"] = "ddp"
+    num_workers: PositiveInt = 2
+    gpus_per_worker: Annotated[Number, Field(ge=0.0)] = 0.0
+    cpus_per_worker: Positive = 1.0
+    max_failures: Annotated[int, Field(ge=-1, strict=True)] = 0
 
 
 def _lr_kind(v: Any) -> str:
