@@ -43,9 +43,12 @@ class _Bottleneck(nn.Module):
         out = self.conv2(F.relu(self.bn2(out, members)), members)  # (N, M'*k, H, W)
         n, _, h, w = x.shape
         m = x.shape[1] // self.in_channels
-        # Concatenate within each member: (N, M', C, H, W) + (N, M', k, H, W).
-        out = torch.cat([x.view(n, m, -1, h, w), out.view(n, m, -1, h, w)], dim=2)
-        return out.view(n, -1, h, w)  # (N, M'*(C+k), H, W)
+        # Concatenate within each member. Activations are channels-last (see forward of
+        # EnsembleDenseNet), so in memory they are (N, H, W, M', C): free views.
+        x = x.permute(0, 2, 3, 1).reshape(n, h, w, m, -1)  # (N, H, W, M', C)
+        out = out.permute(0, 2, 3, 1).reshape(n, h, w, m, -1)  # (N, H, W, M', k)
+        out = torch.cat([x, out], dim=4).view(n, h, w, -1)  # (N, H, W, M'*(C+k))
+        return out.permute(0, 3, 1, 2)  # (N, M'*(C+k), H, W), channels-last
 
 
 class _Transition(nn.Module):
@@ -145,7 +148,9 @@ class EnsembleDenseNet(EnsembleModel):
 
     def forward(self, x: Tensor, members: MemberSelection = None) -> Tensor:
         index = self._member_index(members)
-        x = self.stem(x, index)  # (N, M'*2k, H, W)
+        # Channels-last throughout: oneDNN's grouped convolutions with few channels per
+        # member are several times faster in that layout (3x3 to k = 6: ~5x on CPU).
+        x = self.stem(x.contiguous(memory_format=torch.channels_last), index)  # (N, M'*2k, H, W)
         for block in self.blocks:
             x = block(x, index)
         x = F.relu(self.bn(x, index)).mean((2, 3))  # (N, M'*C) global average pool
