@@ -27,14 +27,13 @@ class ProgressPrinter(Callback):
     whatever ``sys.stdout`` is when it prints.
     """
 
-    def __init__(self, epochs: int, interval: float = 10.0) -> None:
-        self.epochs = epochs
+    def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
         self._start = time.monotonic()
         self._last: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "interval": self.interval}
+        return {"interval": self.interval}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -55,11 +54,11 @@ class ProgressPrinter(Callback):
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ):
-        epoch, now = result.get("epoch"), time.monotonic()
+        epoch, epochs, now = result.get("epoch"), trial.config["train"]["epochs"], time.monotonic()
         if result.get("summary") or epoch is None:
             return
         last = self._last.get(trial.trial_id)
-        if last is not None and now - last < self.interval and epoch != self.epochs:
+        if last is not None and now - last < self.interval and epoch != epochs:
             return
         self._last[trial.trial_id] = now
         shown = " ".join(
@@ -67,11 +66,11 @@ class ProgressPrinter(Callback):
             for k in ("train_loss", "val_error", "best_val_error")
             if k in result
         )
-        self._print(trials, f"epoch    {trial} {epoch}/{self.epochs} {shown}")
+        self._print(trials, f"epoch    {trial} {epoch}/{epochs} {shown}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         last = trial.last_result or {}
-        status = trial_status("TERMINATED", last)
+        status = trial_status("TERMINATED", last, trial.config["train"]["epochs"])
         shown = " ".join(
             f"{k} {_fmt(last[k])}"
             for k in ("best_epoch", "best_val_error", "best_test_error")

@@ -34,6 +34,7 @@ from orchestration.spaces import (
 from orchestration.tracking import (
     DEFAULT_TRACKING_URI,
     SweepRecord,
+    analysis_tables,
     check_tracking_uri,
     trial_status,
 )
@@ -94,9 +95,8 @@ def train_trial(config: dict[str, Any]) -> None:
             )
 
         results = fit(train, [report], out_dir=out_dir)
+        _analysis_artifacts(out_dir, train)
         finished = results["status"] == "finished"
-        if finished:
-            _robustness_artifacts(out_dir, train)
         summary = {
             "summary": True,
             "status": results["status"],
@@ -113,13 +113,20 @@ def train_trial(config: dict[str, Any]) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _robustness_artifacts(out_dir: Path, train: Any) -> None:
-    """Fig. 4 for this trial: test accuracy with members dropped, from the best epoch's
-    saved test logits (written next to fit's files, so they travel with the checkpoint)."""
+def _analysis_artifacts(out_dir: Path, train: Any) -> None:
+    """Small summaries of the best epoch's saved logits, written next to fit's files so
+    that the final checkpoint carries them: the robustness curve (Fig. 4) and the tables of
+    :func:`orchestration.tracking.analysis_tables`. Computed here, in the trial's worker,
+    rather than on the driver, whose event loop schedules every trial."""
     from modloss.analysis import load_logits, plot_robustness, robustness
 
-    logits = load_logits(out_dir, "test")
-    if logits.eta.shape[0] < 2:
+    for name, table in analysis_tables(out_dir).items():
+        table.to_csv(out_dir / name, index=False)
+    try:
+        logits = load_logits(out_dir, "test")
+    except FileNotFoundError:  # diverged in its first epoch
+        return
+    if logits.family != "categorical" or logits.eta.shape[0] < 2:
         return
     frame = robustness(logits.eta, logits.target)
     frame.to_csv(out_dir / "robustness.csv", index=False)
@@ -208,12 +215,13 @@ def results_table(trials: list[Trial]) -> pd.DataFrame:
                 "lam": cfg["lam"],
                 "trial": cfg["trial"],
                 "lr": cfg["lr"] if cfg["lr"] is not None else _paper_lr(cfg),
-                "status": trial_status(trial.status, last),
+                "status": trial_status(trial.status, last, cfg["epochs"]),
                 "epochs": last.get("epoch"),
                 "best_epoch": last.get("best_epoch"),
                 "val_error": last.get("best_val_error"),
                 "test_error": last.get("best_test_error"),
-                "final_test_error": last.get("final_test_error"),
+                # An epoch's report (the trial stopped early) has that epoch's test error.
+                "final_test_error": last.get("final_test_error", last.get("test_error")),
                 "trial_id": trial.trial_id,
             }
         )
@@ -345,7 +353,7 @@ def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bo
         name=space.name,
         storage_path=str(exp_dir.parent),
         storage_filesystem=filesystem,
-        callbacks=[TrialLogger(record), ProgressPrinter(space.epochs)],
+        callbacks=[TrialLogger(record), ProgressPrinter()],
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,

@@ -47,11 +47,11 @@ __all__ = [
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
-# Files of a trial's last checkpoint that become artifacts of its child run.
-TRIAL_ARTIFACTS = ("results.json", "robustness.png", "robustness.csv")
-# The best epoch's saved logits: too large to keep, summarised by analysis_tables into
-# small CSV artifacts that `modloss report` reads (Fig. 5, Fig. 10, Table 6).
-LOGIT_FILES = ("test_logits.pt", "val_logits.pt")
+# Files of a trial's last checkpoint that become artifacts of its child run. The best
+# epoch's saved logits are too large to keep: the trial summarises them into the robustness
+# curve and the analysis_tables CSVs that `modloss report` reads (Fig. 4, 5, 10, Table 6).
+ANALYSIS_TABLES = ("member_entropy.csv", "confusion.csv", "specialists.csv")
+TRIAL_ARTIFACTS = ("results.json", "robustness.png", "robustness.csv", *ANALYSIS_TABLES)
 # A trial's outcome -> the MLflow status of its run.
 _RUN_STATUS = {
     "finished": "FINISHED",
@@ -132,15 +132,18 @@ def check_tracking_uri(uri: str, *, timeout: float = _PROBE_TIMEOUT_S) -> None:
         )
 
 
-def trial_status(ray_status: str, last_result: Mapping[str, Any] | None) -> str:
+def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs: int) -> str:
     """A trial's outcome: finished | diverged | stopped (early, by the scheduler) | failed |
     interrupted | pending."""
     if ray_status == "ERROR":
         return "failed"
-    reported = (last_result or {}).get("status")
+    last = last_result or {}
     if ray_status == "TERMINATED":
-        return reported if reported in ("finished", "diverged") else "stopped"
-    return "interrupted" if last_result else "pending"
+        if last.get("status") in ("finished", "diverged"):
+            return last["status"]
+        # A scheduler may stop a trial at its last epoch, before the closing summary.
+        return "finished" if last.get("epoch") == epochs else "stopped"
+    return "interrupted" if last else "pending"
 
 
 def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -324,7 +327,7 @@ class TrialLogger(Callback):
 
         run_id = self._run_id(trial)
         last = trial.last_result or {}
-        status = trial_status("TERMINATED", last)
+        status = trial_status("TERMINATED", last, trial.config["train"]["epochs"])
         now = int(time.time() * 1000)
         summary = {
             k: float(last[k])
@@ -399,12 +402,8 @@ class TrialLogger(Callback):
             return
         fs = checkpoint.filesystem
         with tempfile.TemporaryDirectory() as tmp:
-            for name in (*TRIAL_ARTIFACTS, *LOGIT_FILES):
+            for name in TRIAL_ARTIFACTS:
                 source = f"{checkpoint.path}/{name}"
                 if fs.get_file_info(source).type == pafs.FileType.File:
                     pafs.copy_files(source, f"{tmp}/{name}", source_filesystem=fs)
-                    if name in TRIAL_ARTIFACTS:
-                        self.client.log_artifact(run_id, f"{tmp}/{name}")
-            for name, table in analysis_tables(Path(tmp)).items():
-                table.to_csv(Path(tmp, name), index=False)
-                self.client.log_artifact(run_id, str(Path(tmp, name)))
+                    self.client.log_artifact(run_id, f"{tmp}/{name}")

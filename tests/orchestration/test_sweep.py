@@ -64,7 +64,14 @@ def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, 
             assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
         assert run.data.metrics["best_test_error"] == pytest.approx(row.test_error)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"results.json", "robustness.png", "robustness.csv"} <= artifacts
+        assert {
+            "results.json",
+            "robustness.png",
+            "robustness.csv",
+            "member_entropy.csv",
+            "confusion.csv",
+            "specialists.csv",
+        } <= artifacts
 
 
 def test_absurd_learning_rate_is_recorded_as_diverged(
@@ -91,3 +98,27 @@ def test_absurd_learning_rate_is_recorded_as_diverged(
     assert {r.info.status for r in runs} == {"FINISHED"}
     finished = client.get_metric_history(by_lam[1.0].info.run_id, "val_error")
     assert len(finished) == EPOCHS
+
+
+def test_optuna_search_with_asha(local_ray, mlflow_server, make_space, tmp_path):
+    space = make_space(
+        name="optuna-e2e",
+        models=["16-M-64-H"],
+        lam={"low": 0.0, "high": 1.0},
+        lr={"low": 0.01, "high": 0.5, "log": True},
+        epochs=EPOCHS,
+        subset=300,
+        search={"type": "optuna", "num_samples": 3, "seed": 0},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
+    outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path, out=io.StringIO())
+
+    table = outcome.table
+    assert outcome.status == "FINISHED" and len(table) == 3
+    assert set(table.status) <= {"finished", "stopped"}
+    assert table.lam.between(0, 1).all() and table.lam.nunique() == 3
+    assert table.lr.between(0.01, 0.5).all()
+    client = MlflowClient(mlflow_server)
+    runs = _children(client, outcome.record.parent_run_id, "optuna-e2e")
+    logged = {r.data.tags["trial_id"]: float(r.data.params["lr"]) for r in runs}
+    assert logged == dict(zip(table.trial_id, table.lr, strict=True))  # what ran is logged

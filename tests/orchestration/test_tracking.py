@@ -1,0 +1,91 @@
+"""The tracking pieces on their own: trial outcomes, metric selection, the store check and
+the reconciliation that leaves no run RUNNING (against a real MLflow server)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from orchestration.tracking import (
+    SweepRecord,
+    SweepTracker,
+    TrackingError,
+    check_tracking_uri,
+    epoch_metrics,
+    trial_status,
+)
+
+
+@pytest.mark.parametrize(
+    ("ray_status", "last", "expected"),
+    [
+        ("TERMINATED", {"summary": True, "status": "finished", "epoch": 3}, "finished"),
+        ("TERMINATED", {"summary": True, "status": "diverged", "epoch": 1}, "diverged"),
+        ("TERMINATED", {"status": "running", "epoch": 1}, "stopped"),  # ASHA, early
+        ("TERMINATED", {"status": "running", "epoch": 3}, "finished"),  # ASHA at max_t
+        ("ERROR", {"status": "running", "epoch": 2}, "failed"),
+        ("RUNNING", {"status": "running", "epoch": 2}, "interrupted"),
+        ("PAUSED", {"status": "running", "epoch": 2}, "interrupted"),
+        ("PENDING", {}, "pending"),
+    ],
+)
+def test_trial_status(ray_status, last, expected):
+    assert trial_status(ray_status, last, 3) == expected
+
+
+def test_epoch_metrics_keep_fit_metrics_only():
+    result = {
+        "epoch": 2,
+        "train_loss": 0.5,
+        "val_error": 0.1,
+        "test_member_error_max": 0.9,
+        "lr": 0.1,
+        "epoch_seconds": 1.5,
+        "best_val_error": 0.1,
+        "training_iteration": 2,
+        "time_this_iter_s": 1.6,
+        "pid": 123,
+        "status": "running",
+        "done": False,
+        "config": {"train": {}},
+    }
+    assert epoch_metrics(result) == {
+        "train_loss": 0.5,
+        "val_error": 0.1,
+        "test_member_error_max": 0.9,
+        "lr": 0.1,
+        "epoch_seconds": 1.5,
+    }
+
+
+def test_local_store_checks(tmp_path):
+    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(TrackingError, match="does not exist"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    with pytest.raises(TrackingError, match="sqlite"):
+        check_tracking_uri(str(tmp_path / "mlruns"))
+
+
+def test_finish_leaves_no_run_running(mlflow_server, tmp_path):
+    tracker = SweepTracker(mlflow_server, "finish-reconcile")
+    record = tracker.start(tmp_path, params={"name": "finish-reconcile"})
+    assert SweepRecord.load(tmp_path) == record  # what --resume reads back
+    client = MlflowClient(mlflow_server)
+    parent_tag = {"mlflow.parentRunId": record.parent_run_id}
+    ids = {}
+    for trial_id in ("t0", "t1", "t2", "gone"):
+        run = client.create_run(record.experiment_id, tags={**parent_tag, "trial_id": trial_id})
+        ids[trial_id] = run.info.run_id
+    client.set_terminated(ids["t0"], "FINISHED")
+    table = pd.DataFrame(
+        {"trial_id": ["t0", "t1", "t2"], "status": ["finished", "interrupted", "failed"]}
+    )
+    tracker.finish(record, table, None, "KILLED")
+
+    status = {t: client.get_run(i).info.status for t, i in ids.items()}
+    assert status == {"t0": "FINISHED", "t1": "KILLED", "t2": "FAILED", "gone": "KILLED"}
+    assert client.get_run(ids["t1"]).data.tags["status"] == "interrupted"
+    assert client.get_run(record.parent_run_id).info.status == "KILLED"
+    assert tracker.start(tmp_path, params={}) == record  # resuming reopens the same parent
+    assert client.get_run(record.parent_run_id).info.status == "RUNNING"
