@@ -17,8 +17,9 @@ the other ranks' members detached, the member term only the local members.
 Data parallelism. Every rank iterates the same globally shuffled batches (same
 ``torch.Generator`` seed) and keeps a disjoint contiguous slice of each (:func:`shard_batch`),
 then DDP averages the parameter gradients (``P`` floats per step, ``P`` the parameter count).
-With a batch-mean loss the result equals single-process training, except that BatchNorm
-normalises with each shard's statistics instead of the global batch's.
+With a batch-mean loss the result equals single-process training, except for BatchNorm,
+which normalises each shard with that shard's statistics ("ghost" batch norm over
+``B / W`` examples) instead of the whole batch's.
 
 :class:`Communicator` wraps the collectives and counts the floats they carry, so that the two
 schemes' traffic can be measured rather than asserted; :func:`count_ddp_traffic` does the same

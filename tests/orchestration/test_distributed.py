@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import ray.train
 import torch
 
 from modloss.train import CHECKPOINT_FILE, TrainConfig, fit
@@ -116,14 +117,29 @@ def test_module_parallel_run_equals_fit_and_resumes_after_a_worker_dies(tmp_path
     assert {e["comm_floats_per_step"] for e in results["history"]} == {B * K}
 
 
-def test_ddp_run_equals_fit_without_batchnorm(tmp_path, data_dir):
+def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, data_dir):
     """Each worker takes half of every shuffled batch; DDP all-reduces one float per
-    parameter per step and, without BatchNorm, trains exactly as fit."""
+    parameter per step and, without BatchNorm, trains exactly as fit. A run that failed
+    for good (max_failures=0) resumes from its last checkpoint when fit again under the
+    same name, which is how a retried Tune trial continues its Train run."""
     config = _config(MLP, 2, data_dir)
     spec = DistributedConfig(strategy="ddp", num_workers=2)
+    marker = tmp_path / "killed-once"
+
+    def die_once(epoch: int, metrics: dict, rank: int) -> None:
+        if rank == 0 and epoch == 1 and not marker.exists():
+            marker.touch()
+            time.sleep(DIE_AFTER_S)
+            os._exit(1)
+
+    with pytest.raises(ray.train.WorkerGroupError):
+        fit_distributed(
+            config, spec, storage_path=tmp_path, name="ddp", worker_callbacks=[die_once]
+        )
     results = fit_distributed(config, spec, storage_path=tmp_path, name="ddp")
-    reference = fit(config)
     assert results["status"] == "finished"
+    assert results["resumed_from"] == [1]
+    reference = fit(config)
     _assert_history_matches_fit(results["history"], reference["history"])
     assert {e["comm_floats_per_step"] for e in results["history"]} == {results["params"]}
 
