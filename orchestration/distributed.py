@@ -177,14 +177,17 @@ def fit_distributed(
     return load_results(trainer.fit().checkpoint)
 
 
-def train_trial(config: dict[str, Any]) -> None:
+def train_trial(
+    config: dict[str, Any], *, artifacts: Callable[[Path, TrainConfig], None] | None = None
+) -> None:
     """Ray Tune trial function of a distributed trial: one ``TorchTrainer`` per trial.
 
     ``config``: ``train`` (a ``TrainConfig`` dict), ``distributed`` (a
     ``DistributedConfig`` dict) and optionally ``storage_path`` for the Train runs (shared
     storage for multi-node clusters; default: ``train_runs/`` beside the trials). Per-epoch
     metrics reach Tune through ``TuneReportCallback``; the last report is the summary the
-    sweep reads, with the run's ``results.json`` and logits as the trial's checkpoint.
+    sweep reads, with the run's ``results.json`` and best-epoch logits as the trial's
+    checkpoint, after ``artifacts(folder, train)`` (if given) has added its files there.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -216,6 +219,8 @@ def train_trial(config: dict[str, Any]) -> None:
         for file in (RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE):
             if (Path(saved) / file).is_file():
                 shutil.copy(Path(saved) / file, Path(tmp) / file)
+        if artifacts is not None:
+            artifacts(Path(tmp), train)
         tune.report(summary, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -370,7 +375,7 @@ class _Worker:
         entry: dict[str, Any] = {"epoch": epoch, "lr": self.scheduler.get_last_lr()[0]}
         train, floats_per_step = self._train_epoch()
         entry.update({f"train_{k}": v for k, v in train.items()})
-        entry["comm_floats_per_step"] = floats_per_step
+        entry["train_comm_floats_per_step"] = floats_per_step
         improved = False
         if _finite(entry):
             val, val_eta = self._evaluate(*self.splits.val)

@@ -78,6 +78,12 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from modloss.train import TrainConfig, fit
 
+    if "distributed" in config:  # one Ray Train run per trial, on several workers
+        from orchestration.distributed import train_trial as train_distributed
+
+        train_distributed(config, artifacts=_analysis_artifacts)
+        return
+
     # Ray logs every persisted checkpoint at INFO: one line per trial and epoch.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     train = TrainConfig.model_validate(config["train"])
@@ -144,11 +150,14 @@ def _trial_dirname(trial: Trial) -> str:
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
-    """Tune's param_space: every trial's TrainConfig under ``"train"``."""
+    """Tune's param_space: every trial's TrainConfig under ``"train"`` (and the space's
+    ``distributed:`` section under ``"distributed"``)."""
     from ray import tune
 
+    # A distributed: section travels with every trial (orchestration.distributed).
+    extra = {"distributed": space.distributed.model_dump()} if space.distributed else {}
     if isinstance(space.search, GridSearch):
-        return {"train": tune.grid_search(space.grid())}
+        return {"train": tune.grid_search(space.grid()), **extra}
 
     def choice(values: list[Any]) -> Any:
         return values[0] if len(values) == 1 else tune.choice(values)
@@ -166,7 +175,7 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
         "lr": lr,
         "trial": choice(space.trial_ids),
     }
-    return {"train": train}
+    return {"train": train, **extra}
 
 
 def _tune_config(space: SearchSpace) -> Any:
@@ -279,8 +288,6 @@ def run_sweep(
     :class:`orchestration.tracking.TrackingError` for those.
     """
     space = load_space(space_file, name=experiment, max_concurrent=max_concurrent)
-    if space.distributed is not None:
-        raise SpaceError(f"{space_file}: distributed: Ray Train trials are not supported yet")
     exp_dir = Path(storage or DEFAULT_STORAGE).resolve() / space.name
     record = SweepRecord.load(exp_dir)
     tracking_uri = _tracking_uri(tracking_uri, record)
@@ -358,9 +365,12 @@ def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bo
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
     )
+    params = param_space(space)
+    if space.distributed is not None:  # the trials' Ray Train runs live in the experiment
+        params["storage_path"] = str(exp_dir / "train_runs")
     return tune.Tuner(
         trainable,
-        param_space=param_space(space),
+        param_space=params,
         tune_config=_tune_config(space),
         run_config=run_config,
     )

@@ -1,5 +1,5 @@
 """orchestration.distributed: Ray Train runs on two CPU workers (gloo) reproduce
-``modloss.train.fit``, survive a worker killed mid-run, and run as Tune trials.
+``modloss.train.fit``, survive a worker killed mid-run, and run as the trials of a sweep.
 
 Tiny models on a 32-example subset of the real Fashion-MNIST keep each run to seconds of
 compute; Ray's start-up and worker scheduling dominate.
@@ -7,6 +7,7 @@ compute; Ray's start-up and worker scheduling dominate.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 import ray
 import ray.train
 import torch
+from mlflow import MlflowClient
 
 from modloss.train import CHECKPOINT_FILE, TrainConfig, fit
 from orchestration.distributed import (
@@ -25,8 +27,8 @@ from orchestration.distributed import (
     load_results,
     make_trainer,
     run_name,
-    train_trial,
 )
+from orchestration.sweep import run_sweep
 
 B, K = 16, 10  # batch size, Fashion-MNIST classes
 # Tiny DenseNet-BC ensemble (4 members) and MLP ensemble; lr low enough that float32
@@ -114,7 +116,7 @@ def test_module_parallel_run_equals_fit_and_resumes_after_a_worker_dies(tmp_path
     for name, tensor in fit_model.items():
         torch.testing.assert_close(merged[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
     # One all-reduce of the batch's B x K ensemble natural parameters per step.
-    assert {e["comm_floats_per_step"] for e in results["history"]} == {B * K}
+    assert {e["train_comm_floats_per_step"] for e in results["history"]} == {B * K}
 
 
 def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, data_dir):
@@ -141,32 +143,45 @@ def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, da
     assert results["resumed_from"] == [1]
     reference = fit(config)
     _assert_history_matches_fit(results["history"], reference["history"])
-    assert {e["comm_floats_per_step"] for e in results["history"]} == {results["params"]}
+    assert {e["train_comm_floats_per_step"] for e in results["history"]} == {results["params"]}
 
 
-def test_tune_trial_fits_a_torch_trainer_named_after_the_trial(tmp_path, data_dir):
-    """The Tune function runs one TorchTrainer per trial; the workers' per-epoch reports
-    reach Tune through TuneReportCallback, then the summary with the selection metric."""
-    from ray import tune
-
-    config = _config(DENSENET, 2, data_dir)
-    spec = DistributedConfig(strategy="module", num_workers=2)
-    tuner = tune.Tuner(
-        train_trial,
-        param_space={"train": config.model_dump(), "distributed": spec.model_dump()},
-        run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0),
+def test_sweep_runs_each_trial_of_a_distributed_space_on_ray_train(
+    mlflow_server, make_space, tmp_path
+):
+    """``modloss sweep`` on a space with a ``distributed:`` section: the Tune trial function
+    fits a TorchTrainer named after the trial, the workers' per-epoch reports reach Tune
+    (TuneReportCallback) and the driver's MLflow logger, then the trial's summary."""
+    space = make_space(
+        name="distributed-e2e",
+        models=[DENSENET["model"]],
+        model_overrides=DENSENET["model_overrides"],
+        lam=[COMMON["lam"]],
+        lr=COMMON["lr"],
+        epochs=2,
+        subset=COMMON["subset"],
+        batch_size=B,
+        distributed={"strategy": "module", "num_workers": 2},
     )
-    [result] = list(tuner.fit())
-    assert result.error is None
-    reports = result.metrics_dataframe
-    epochs = reports[reports["summary"] != True]["epoch"].tolist()  # noqa: E712 (NaN-safe)
-    assert epochs == [1, 2]
-    assert result.metrics["summary"] is True
-    assert result.metrics["val_error"] == result.metrics["best_val_error"]
-    trial_id = result.metrics["trial_id"]
-    run = tmp_path / "exp" / "train_runs" / run_name(trial_id)
-    assert (run / "epoch-0002" / "results.json").is_file()
-    assert load_results(result.checkpoint)["epochs_completed"] == 2
+    outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path, out=io.StringIO())
+    assert outcome.status == "FINISHED"
+    [row] = outcome.table.itertuples()
+    assert (row.status, row.epochs) == ("finished", 2)
+    run = tmp_path / "distributed-e2e" / "train_runs" / run_name(row.trial_id)
+    assert {p.name for p in (run / "epoch-0002").iterdir()} >= {
+        "results.json",
+        "state-rank0.pt",
+        "state-rank1.pt",
+    }
+    client = MlflowClient(mlflow_server)
+    [child] = client.search_runs(
+        [client.get_experiment_by_name("distributed-e2e").experiment_id],
+        filter_string=f"tags.trial_id = '{row.trial_id}'",
+    )
+    floats = client.get_metric_history(child.info.run_id, "train_comm_floats_per_step")
+    assert sorted((m.step, m.value) for m in floats) == [(1, B * K), (2, B * K)]
+    assert child.data.metrics["best_test_error"] == pytest.approx(row.test_error)
+    assert "results.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
 
 def test_module_strategy_needs_at_least_one_member_per_worker(tmp_path, data_dir):
