@@ -93,7 +93,7 @@ CHECKPOINTS_TO_KEEP = 2
 
 DistributedConfig = Distributed
 """How a run is spread over Ray Train workers: ``strategy`` (``ddp`` | ``module``),
-``num_workers``, ``gpus_per_worker`` (0: CPUs and gloo; otherwise NCCL, and
+``num_workers``, ``gpus_per_worker`` (0: CPUs and gloo; 1: one GPU each and NCCL, and
 ``TrainConfig.device`` is ignored), ``cpus_per_worker``, ``max_failures`` (worker-group
 restarts from the last checkpoint; -1: unlimited). The ``distributed:`` section of a search
 space."""

@@ -200,6 +200,14 @@ class Distributed(_Section):
     cpus_per_worker: Positive = 1.0
     max_failures: Annotated[int, Field(ge=-1, strict=True)] = 0
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _zero_or_one(cls, v: float) -> float:
+        # A worker trains on one device; NCCL refuses two ranks sharing a GPU.
+        if v not in (0.0, 1.0):
+            raise ValueError("must be 0 (CPU workers) or 1; use num_workers for more GPUs")
+        return v
+
 
 def _lr_kind(v: Any) -> str:
     if isinstance(v, str):
