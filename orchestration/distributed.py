@@ -213,7 +213,8 @@ def train_trial(
         "best_val_error": results["best_val_error"],
         "best_test_error": results["test_error"],
         "final_test_error": results["final_test_error"],
-        METRIC: results["best_val_error"] if results["status"] != "diverged" else math.nan,
+        # Searchers read the objective from the last report; a diverged run has none.
+        METRIC: results["best_val_error"] if results["status"] == "finished" else math.nan,
     }
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as saved:
         for file in (RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE):
