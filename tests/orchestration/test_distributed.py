@@ -30,6 +30,8 @@ from orchestration.distributed import (
 )
 from orchestration.sweep import run_sweep
 
+pytestmark = pytest.mark.slow  # real Ray, real data, real MLflow
+
 B, K = 16, 10  # batch size, Fashion-MNIST classes
 # Tiny DenseNet-BC ensemble (4 members) and MLP ensemble; lr low enough that float32
 # rounding differences between one process and two stay at rounding level over the run.
