@@ -208,6 +208,7 @@ def _tune_config(space: SearchSpace) -> Any:
         max_concurrent_trials=space.max_concurrent,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_dirname,
+        reuse_actors=True,  # a worker imports torch and modloss once, not once per trial
     )
 
 
