@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -87,16 +87,15 @@ def ui(
     if tracking_uri.startswith(("http://", "https://")):
         typer.echo(f"{tracking_uri} is already an MLflow server: open it in a browser")
         return
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    beside = Path(sys.executable).with_name("mlflow")  # this environment's mlflow first
+    mlflow = str(beside) if beside.is_file() else shutil.which("mlflow") or "mlflow"
     command = [
         mlflow, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
     typer.echo(f"MLflow UI for {tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    try:
-        raise typer.Exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    sys.stdout.flush()
+    os.execv(mlflow, command)  # the UI takes this process's place (and its signals)
 
 
 def register(app: typer.Typer) -> None:

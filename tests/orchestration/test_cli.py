@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -107,3 +112,34 @@ def test_resume_without_an_experiment(app, tmp_path):
     result = CliRunner().invoke(app, ["sweep", str(SMOKE), "--resume", "--storage", str(tmp_path)])
     assert result.exit_code == EXIT_BAD_INPUT and "nothing to resume" in result.output
     assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_on_localhost(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    modloss = str(Path(sys.executable).with_name("modloss"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen(
+        [modloss, "ui", "--tracking-uri", uri, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        assert (tmp_path / "mlflow.db").is_file()  # it serves the store it was given
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
