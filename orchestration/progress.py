@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from orchestration.tracking import trial_status
+from orchestration.tracking import error_text, trial_status
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -82,5 +82,5 @@ class ProgressPrinter(Callback):
         self._print(trials, f"retry    {trial} (failure {trial.num_failures})")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        error = (trial.get_error() or "").strip().splitlines()
-        self._print(trials, f"failed   {trial}: {error[-1] if error else 'unknown error'}")
+        last_line = error_text(trial).strip().splitlines()[-1:] or ["unknown error"]
+        self._print(trials, f"failed   {trial}: {last_line[0]}")

@@ -42,6 +42,7 @@ __all__ = [
     "analysis_tables",
     "check_tracking_uri",
     "epoch_metrics",
+    "error_text",
     "trial_status",
 ]
 
@@ -113,9 +114,11 @@ def check_tracking_uri(uri: str, *, timeout: float = _PROBE_TIMEOUT_S) -> None:
     if parsed.scheme in ("http", "https"):
         url = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                if response.status != 200:
-                    raise TrackingError(f"{url} answered HTTP {response.status}")
+            with urllib.request.urlopen(url, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            hint = " (MLflow 3 refuses Host names not in its --allowed-hosts)" * (exc.code == 403)
+            raise TrackingError(f"{url} answered HTTP {exc.code} {exc.reason}{hint}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(
@@ -144,6 +147,15 @@ def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs:
         # A scheduler may stop a trial at its last epoch, before the closing summary.
         return "finished" if last.get("epoch") == epochs else "stopped"
     return "interrupted" if last else "pending"
+
+
+def error_text(trial: Trial) -> str:
+    """A failed trial's error log, from the file Ray writes on the driver before calling
+    the callbacks (the copy in storage is synced later)."""
+    path = trial.error_file
+    if path is not None and Path(path).is_file():
+        return Path(path).read_text()
+    return trial.get_error() or "unknown error"
 
 
 def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -345,9 +357,8 @@ class TrialLogger(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         run_id = self._run_id(trial)
-        error = trial.get_error() or "unknown error"
         self.client.set_tag(run_id, "status", "failed")
-        self.client.set_tag(run_id, "error", str(error)[-5000:])
+        self.client.set_tag(run_id, "error", error_text(trial)[-5000:])
         self.client.set_terminated(run_id, "FAILED")
 
     def _existing(self, trial_id: str) -> Any:

@@ -122,3 +122,29 @@ def test_optuna_search_with_asha(local_ray, mlflow_server, make_space, tmp_path)
     runs = _children(client, outcome.record.parent_run_id, "optuna-e2e")
     logged = {r.data.tags["trial_id"]: float(r.data.params["lr"]) for r in runs}
     assert logged == dict(zip(table.trial_id, table.lr, strict=True))  # what ran is logged
+
+
+def test_crashing_trial_is_failed_not_left_running(local_ray, mlflow_server, make_space, tmp_path):
+    # Corrupt dataset files: fit raises inside the trial, on every attempt.
+    data = tmp_path / "corrupt-data" / "fashion-mnist"
+    data.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            (data / f"{split}-{kind}-ubyte.gz").write_bytes(b"not the dataset")
+    space = make_space(
+        name="crash-e2e",
+        models=["16-M-64-H"],
+        lam=[0.5],
+        epochs=1,
+        data_dir=str(data.parent),
+        max_failures=1,
+    )
+    outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path, out=io.StringIO())
+
+    assert outcome.status == "FAILED" and list(outcome.table.status) == ["failed"]
+    client = MlflowClient(mlflow_server)
+    (run,) = _children(client, outcome.record.parent_run_id, "crash-e2e")
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
+    assert run.data.tags["failures"] == "1"  # retried once (max_failures), then failed
+    assert "corrupt" in run.data.tags["error"]  # the trial's own exception, recorded
+    assert client.get_run(outcome.record.parent_run_id).info.status == "FAILED"
