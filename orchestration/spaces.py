@@ -294,7 +294,7 @@ class SearchSpace(_Section):
         if self.lr == "paper" and isinstance(self.lam, Range):
             raise ValueError(
                 "lr: the 'paper' preset exists only at the paper's λ values; with a λ range "
-                "give a number, a table with 'default' rows, or a range"
+                "give a number or a range"
             )
         if isinstance(self.lr, LrTable) and not grid:
             raise ValueError(
@@ -305,9 +305,8 @@ class SearchSpace(_Section):
             unknown = [m for m in self.lr.entries if m not in self.models]
             if unknown:
                 raise ValueError(f"lr: table rows for models not in models: {unknown}")
-            lams = [self.lam.low, self.lam.high] if isinstance(self.lam, Range) else self.lam
             for model in self.models:
-                for lam in lams:
+                for lam in self.lam:
                     if self.lr.lookup(model, lam) is None:
                         raise ValueError(
                             f"lr: no learning rate for model {model} at λ={lam} "

@@ -167,6 +167,7 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
 
     assert not isinstance(space.lr, LrTable)  # refused by the schema for sampled spaces
     lam = sampled(space.lam) if isinstance(space.lam, Range) else choice(list(space.lam))
+    # A number, or None for the paper preset (TrainConfig resolves it per model and λ).
     lr = sampled(space.lr) if isinstance(space.lr, Range) else space.lr_for("", 0.0)
     train = {
         **space.base_config(),
