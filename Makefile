@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make run` (set up, run the main job on the
-# embedded defaults) and `make test` (set up, lint, run every test). Both install into .venv.
+# embedded defaults; run again, it resumes or reprints that sweep) and `make test`
+# (set up, lint, run every test). Both install into .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,7 +21,7 @@ system-deps:
 	bash .ci/install-system-deps.sh
 
 run: setup
-	$(BIN)/modloss sweep search_spaces/fmnist_smoke.yaml
+	$(BIN)/modloss sweep search_spaces/fmnist_smoke.yaml $(if $(wildcard ray_results/fmnist_smoke),--resume)
 
 lint: setup
 	$(BIN)/ruff check .
