@@ -144,9 +144,11 @@ def cnn_cases(batch: int, device: str) -> list[Case]:
     ours = _modloss_case("CNN-10", batch, (3, 32, 32), device)
     x, y = _batch((3, 32, 32), batch, 10, device)
     torch.manual_seed(0)
-    members = nn.ModuleList(_cnn() for _ in range(10)).to(device)
+    # Channels-last, as ours: oneDNN's CPU convolutions are faster in it (~15% on this step).
+    members = nn.ModuleList(_cnn() for _ in range(10)).to(device, memory_format=torch.channels_last)
 
     def loop(x: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         return torch.stack([member(x) for member in members])  # (M, N, K)
 
     step = _trainer(members.parameters(), loop, x, y)

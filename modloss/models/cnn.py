@@ -19,7 +19,8 @@ class EnsembleCNN(EnsembleModel):
     global average pooling, then a linear layer to ``num_classes``.
 
     The first convolution of all members is one ordinary convolution on the shared image;
-    the others are grouped convolutions (``groups=M``). Initialisation is ``nn.Conv2d`` /
+    the others are grouped convolutions (``groups=M``); on CPU, a loop over members is faster
+    and is used instead (same parameters, same results). Initialisation is ``nn.Conv2d`` /
     ``nn.Linear``'s default per member, as in the paper's code.
 
     Args:
@@ -79,15 +80,29 @@ class EnsembleCNN(EnsembleModel):
         self.head = EnsembleLinear(num_members, channels[-1], num_classes, generator=scratch)
         self.reset_parameters(seed)
 
+    # None: grouped convolutions except on CPU, where a loop over members is faster (see
+    # EnsembleConv2d.forward_each); True / False force one path (tests compare the two).
+    grouped_convs: bool | None = None
+
     def forward(self, x: Tensor, members: MemberSelection = None) -> Tensor:
         index = self._member_index(members)
-        # Channels-last: oneDNN's grouped and wide convolutions are faster in that layout.
+        # Channels-last: oneDNN's convolutions, grouped or not, are faster in that layout.
         x = x.contiguous(memory_format=torch.channels_last)
-        for conv in self.convs:
-            x = F.relu(conv(x, index))  # (N, M'*C, H', W')
-        n = x.shape[0]
-        x = x.mean((2, 3))  # (N, M'*C) global average pool
-        x = x.view(n, -1, self.convs[-1].out_channels).transpose(0, 1)  # (M', N, C)
+        grouped = self.grouped_convs
+        if grouped is None:
+            grouped = x.device.type != "cpu"
+        if grouped:
+            for conv in self.convs:
+                x = F.relu(conv(x, index))  # (N, M'*C, H', W')
+            n = x.shape[0]
+            x = x.mean((2, 3))  # (N, M'*C) global average pool
+            x = x.view(n, -1, self.convs[-1].out_channels).transpose(0, 1)  # (M', N, C)
+        else:
+            m = self.num_members if index is None else len(index)
+            xs = [x] * m  # every member's first convolution reads the same image
+            for conv in self.convs:
+                xs = [F.relu(y) for y in conv.forward_each(xs, index)]  # M' x (N, C, H', W')
+            x = torch.stack([y.mean((2, 3)) for y in xs])  # (M', N, C) global average pool
         return self.head(x, index)  # (M', N, K)
 
 

@@ -180,3 +180,15 @@ def test_default_init_uses_one_members_fan_in(layer, fan_in):
 def test_bad_arguments_are_refused_by_name(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("members", [None, SUBSET])
+@pytest.mark.parametrize("shared", [False, True])
+def test_conv_forward_each_is_forward_member_by_member(members, shared):
+    cls = SharedInputConv2d if shared else EnsembleConv2d
+    layer = cls(M, 2, 4, 3, stride=2, padding=1).double()
+    m = M if members is None else len(members)
+    x = torch.randn(N, 2 if shared else m * 2, 7, 7, dtype=torch.float64)
+    xs = [x] * m if shared else list(x.view(N, m, 2, 7, 7).unbind(1))
+    expected = layer(x, members)
+    torch.testing.assert_close(torch.cat(layer.forward_each(xs, members), dim=1), expected)

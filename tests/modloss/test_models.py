@@ -241,6 +241,22 @@ def test_densenet_init_is_he_fan_out_per_member():
     assert model.head.weight.abs().max() <= 1 / math.sqrt(model.head.in_features)
 
 
+@pytest.mark.parametrize("members", [None, [4, 1]])
+def test_cnn_grouped_and_per_member_convolutions_agree(members):
+    """The two paths of EnsembleCNN (grouped convolutions off CPU, a loop over members on
+    CPU) give the same outputs and gradients, so CPU tests cover the other path too."""
+    model = EnsembleCNN(5, channels=(4, 8), strides=(1, 2), seed=0).double()
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64)
+    results = []
+    for grouped in (True, False):
+        model.grouped_convs = grouped
+        model.zero_grad(set_to_none=True)
+        out = model(x, members)
+        out.square().sum().backward()
+        results.append((out, {k: p.grad for k, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0], results[1])
+
+
 def test_overrides_and_generic_builders():
     model = create_model("256-M-4-H", seed=0, num_classes=3, in_features=20)
     assert model(torch.randn(5, 20)).shape == (256, 5, 3)
