@@ -65,6 +65,7 @@ from modloss.train import (
     TEST_LOGITS_FILE,
     VAL_LOGITS_FILE,
     TrainConfig,
+    _initial_results,
     _seed,
     build_model,
 )
@@ -352,19 +353,9 @@ class _Worker:
             generator=self.generator,
         )
         self.results: dict[str, Any] = {
-            "status": "running",
-            "best_epoch": None,
-            "best_val_error": None,
-            "test_error": None,
-            "final_test_error": None,
-            "diverged_epoch": None,
-            "epochs_completed": 0,
-            "params": sum(p.numel() for p in full.parameters()),
-            "model_config": full.config,
-            "config": config.model_dump(),
+            **_initial_results(config, full),
             "distributed": spec.model_dump(),
             "resumed_from": [],  # epochs_completed at each restart from a checkpoint
-            "history": [],
         }
         self.best_logits: dict[str, dict[str, Any]] = {}
 
