@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -316,10 +317,15 @@ def run_sweep(
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(address=address, include_dashboard=False)
+    # Opening a new SQLite store runs MLflow's schema migrations (seconds); ray.init mostly
+    # waits on its own processes, so let the store be created meanwhile. Only the store:
+    # the parent run is still created after Ray is up, so a failed ray.init leaves none.
+    with ThreadPoolExecutor(1) as pool:
+        opened = pool.submit(SweepTracker, tracking_uri, space.name)
+        if own_ray:
+            ray.init(address=address, include_dashboard=False)
+        tracker = opened.result()
     try:
-        tracker = SweepTracker(tracking_uri, space.name)
         record = tracker.start(exp_dir, params=_space_params(space), space_file=Path(space_file))
         table, csv = None, exp_dir / RESULTS_CSV
         try:
