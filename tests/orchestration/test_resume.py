@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 MODLOSS = str(Path(sys.executable).with_name("modloss"))
 EPOCHS = 2
-LAMS = [0.0, 1.0]
+# Three trials one at a time: the kill lands after the first finishes, and the third cannot
+# also have finished in the moment between noticing that and the signal.
+LAMS = [0.0, 0.5, 1.0]
 RUN_TIMEOUT_S = 600
 
 
