@@ -69,7 +69,7 @@ from modloss.train import (
     _seed,
     build_model,
 )
-from orchestration.spaces import METRIC, Distributed
+from orchestration.spaces import Distributed, trial_summary
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -206,17 +206,7 @@ def train_trial(
     )
     checkpoint = trainer.fit().checkpoint
     results = load_results(checkpoint)
-    summary = {
-        "summary": True,
-        "status": results["status"],
-        "epoch": results["epochs_completed"],
-        "best_epoch": results["best_epoch"],
-        "best_val_error": results["best_val_error"],
-        "best_test_error": results["test_error"],
-        "final_test_error": results["final_test_error"],
-        # Searchers read the objective from the last report; a diverged run has none.
-        METRIC: results["best_val_error"] if results["status"] == "finished" else math.nan,
-    }
+    summary = trial_summary(results)
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as saved:
         for file in (RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE):
             if (Path(saved) / file).is_file():

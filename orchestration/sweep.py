@@ -11,7 +11,6 @@ resumes from it. The experiment lives at ``STORAGE/NAME`` (NAME: the space's nam
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ from orchestration.spaces import (
     SearchSpace,
     SpaceError,
     load_space,
+    trial_summary,
 )
 from orchestration.tracking import (
     DEFAULT_TRACKING_URI,
@@ -103,18 +103,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
         results = fit(train, [report], out_dir=out_dir)
         _analysis_artifacts(out_dir, train)
-        finished = results["status"] == "finished"
-        summary = {
-            "summary": True,
-            "status": results["status"],
-            "epoch": results["epochs_completed"],
-            "best_epoch": results["best_epoch"],
-            "best_val_error": results["best_val_error"],
-            "best_test_error": results["test_error"],
-            "final_test_error": results["final_test_error"],
-            # Searchers read the objective from the last report; a diverged run has none.
-            METRIC: results["best_val_error"] if finished else math.nan,
-        }
+        summary = trial_summary(results)
         tune.report(summary, checkpoint=tune.Checkpoint.from_directory(out_dir))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
