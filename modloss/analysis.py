@@ -48,8 +48,9 @@ __all__ = [
 
 # Section 4.1: specialists are the best of 200 random 20-member sub-ensembles.
 SUBSET_SIZE, CANDIDATES = 20, 200
-# Sub-ensembles evaluated per matrix product: bounds the (R, N, K) intermediate in memory.
-_CHUNK = 64
+# Elements of the (R, N, K) intermediate per matrix product: 64 MB of float32, enough
+# rows for the product to run at full speed (160 rows at N*K = 100,000), bounded in memory.
+_CHUNK_ELEMENTS = 2**24
 
 
 class SavedLogits(NamedTuple):
@@ -77,9 +78,11 @@ def _ensemble_predictions(eta: Tensor, masks: Tensor) -> Tensor:
     """Class predicted by each sub-ensemble ``masks`` ``(R, M)`` for each example: ``(R, N)``."""
     m, n, k = eta.shape
     flat = eta.reshape(m, n * k)
+    rows = max(1, _CHUNK_ELEMENTS // (n * k))
+    # max(-1).indices: the first maximum, as argmax, but faster over a short last dimension.
     out = [
-        (chunk.to(eta.dtype) @ flat).view(-1, n, k).argmax(-1)  # (r, N)
-        for chunk in masks.split(_CHUNK)
+        (chunk.to(eta.dtype) @ flat).view(-1, n, k).max(-1).indices  # (r, N)
+        for chunk in masks.split(rows)
     ]
     return torch.cat(out)
 
@@ -191,7 +194,8 @@ def plot_robustness(
     ax.set_title(title or "Robustness to dropping members")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # Fixed margins: tight_layout measures every text extent, a third of the plot's time.
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)
     fig.savefig(path, dpi=120)
     return Path(path)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from modloss.data import DATASETS, DeviceLoader, load_splits, random_crop_flip
@@ -237,12 +238,16 @@ def fit(
     """Train ``config`` and return its results (a JSON-able dict).
 
     With ``out_dir``, each epoch writes ``checkpoint.pt`` and ``results.json`` atomically,
-    and whenever the validation error improves, the member natural parameters of that epoch
-    on the test and validation sets (``test_logits.pt``, ``val_logits.pt``: dicts with
-    ``eta`` ``(M, N, K)``, ``target``, ``epoch``, ``split``, ``family``). Calling ``fit``
-    again with the same ``out_dir`` resumes from the checkpoint (only ``epochs``, ``device``
-    and ``data_dir`` may differ); a run that already reached ``epochs``, or diverged, is
-    returned as stored without loading any data.
+    and when the run ends (finished, diverged or stopped) the member natural parameters of
+    its best-validation epoch on the test and validation sets (``test_logits.pt``,
+    ``val_logits.pt``: dicts with ``eta`` ``(M, N, K)``, ``target``, ``epoch``, ``split``,
+    ``family``), before the checkpoint that says so. Until then they are kept in memory: an
+    epoch's checkpoint holds the best weights, not the logits (100 MB for 256 members on
+    5,000 images), so it stays cheap to copy. Calling ``fit`` again with the same
+    ``out_dir`` resumes from the checkpoint (only ``epochs``, ``device`` and ``data_dir``
+    may differ), recomputing the best epoch's logits from its weights if this process did
+    not see that epoch; a run that already reached ``epochs``, or diverged, is returned as
+    stored without loading any data.
 
     Each callback is called as ``callback(epoch, metrics, out_dir)`` after the epoch's
     checkpoint is written, with the epoch's scalar metrics plus ``epoch``, ``best_epoch``,
@@ -301,6 +306,19 @@ def fit(
         _set_rng_state(saved["rng"], generator)
         results = {**saved["results"], "config": config.model_dump(), "status": "running"}
     best_model = saved["best_model"] if saved is not None else None
+    best_logits: dict[str, dict[str, Any]] = {}  # split -> saved dict, from this process
+
+    def recompute() -> dict[str, dict[str, Any]]:
+        """The best epoch's logits from its weights (a resumed run that did not see it)."""
+        best = build_model(config).to(device)
+        best.load_state_dict(best_model)
+        kw = {"family": family, "lam": config.lam, "batch_size": config.eval_batch_size}
+        logits = {}
+        for split, pair in (("test", splits.test), ("val", splits.val)):
+            eta = evaluate(best, *pair, keep_eta=True, **kw)[1]
+            logits[split] = _logits(eta, pair, results["best_epoch"], split, family)
+        return logits
+
     start = results["epochs_completed"]
     bar = tqdm(
         total=config.epochs * len(loader),
@@ -332,17 +350,14 @@ def fit(
         if improved:
             results.update(best_epoch=epoch, best_val_error=val["error"], test_error=test["error"])
             best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if out is not None:
-                for name, split, eta, pair in (
-                    (TEST_LOGITS_FILE, "test", test_eta, splits.test),
-                    (VAL_LOGITS_FILE, "val", val_eta, splits.val),
-                ):
-                    logits = {"eta": eta, "target": pair.y.cpu(), "epoch": epoch, "split": split}
-                    _atomic_save({**logits, "family": family}, out / name)
+            best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}
+            best_logits["val"] = _logits(val_eta, splits.val, epoch, "val", family)
         if epoch == config.epochs:
             results["status"] = "finished"
         bar.set_postfix(val_error=f"{val['error']:.4f}", best_epoch=results["best_epoch"])
         if out is not None:
+            if results["status"] == "finished":
+                _write_logits(out, results, best_logits, recompute)
             _write_state(out, results, model, optimizer, scheduler, generator, best_model)
         try:
             _run_callbacks(callbacks, epoch, entry, results, out)
@@ -352,6 +367,7 @@ def fit(
             break
     bar.close()
     if out is not None and results["status"] in ("diverged", "stopped"):
+        _write_logits(out, results, best_logits, recompute)
         _write_state(out, results, model, optimizer, scheduler, generator, best_model)
     return results
 
@@ -429,6 +445,34 @@ def _run_callbacks(
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+
+def _logits(eta: Tensor, pair: Any, epoch: int, split: str, family: str) -> dict[str, Any]:
+    return {"eta": eta, "target": pair.y.cpu(), "epoch": epoch, "split": split, "family": family}
+
+
+def _write_logits(
+    out: Path,
+    results: dict[str, Any],
+    kept: dict[str, dict[str, Any]],
+    recompute: Callable[[], dict[str, dict[str, Any]]],
+) -> None:
+    """Write the best epoch's logits unless ``out`` already holds them (a resumed run)."""
+    epoch = results["best_epoch"]
+    if epoch is None:  # diverged in its first epoch: nothing to save
+        return
+    files = {"test": out / TEST_LOGITS_FILE, "val": out / VAL_LOGITS_FILE}
+    if not kept and all(_saved_epoch(path) == epoch for path in files.values()):
+        return
+    logits = kept or recompute()
+    for split, path in files.items():
+        _atomic_save(logits[split], path)
+
+
+def _saved_epoch(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

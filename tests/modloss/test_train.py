@@ -150,6 +150,32 @@ def test_resume_reproduces_an_uninterrupted_run(
     assert torch.equal(torch.load(tmp_path / "test_logits.pt", weights_only=True)["eta"], same)
 
 
+def test_a_resumed_run_recomputes_best_logits_it_did_not_keep(config: dict, tmp_path: Path) -> None:
+    # No learning after epoch 1 (lr * 1e-30 is below the weights' precision), so epoch 1
+    # stays the best, and a run cut after epoch 2 resumes past its best epoch.
+    frozen = {**config, "milestones": [1], "gamma": 1e-30}
+    whole = fit(frozen, out_dir=tmp_path / "whole")
+    assert whole["best_epoch"] == 1
+
+    def cut(epoch: int, metrics: dict, out: Path | None) -> None:
+        if epoch == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(frozen, [cut], out_dir=tmp_path / "cut")
+    # Only the checkpoint is written per epoch; the logits wait for the run's end.
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
+        "checkpoint.pt",
+        "results.json",
+    ]
+    resumed = fit(frozen, out_dir=tmp_path / "cut")
+    assert resumed["best_epoch"] == 1 and resumed["status"] == "finished"
+    for name in ("test_logits.pt", "val_logits.pt"):
+        expected = torch.load(tmp_path / "whole" / name, weights_only=True)
+        got = torch.load(tmp_path / "cut" / name, weights_only=True)
+        assert got["epoch"] == 1 and torch.equal(got["eta"], expected["eta"])
+
+
 def test_a_finished_run_is_returned_without_training(
     run: tuple[dict, Path], config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
