@@ -21,19 +21,22 @@ def _fmt(value: Any) -> str:
 
 
 class ProgressPrinter(Callback):
-    """Prints trial starts and ends, and each trial's epochs at most every ``interval`` s.
+    """Prints trial starts and ends, and each trial's epochs at most every ``interval`` s,
+    each line prefixed with the time since the start and the trials done out of ``total``
+    (the sweep's trial count; by default those created so far).
 
     Ray pickles callbacks with the experiment, so this holds no stream: it writes to
     whatever ``sys.stdout`` is when it prints.
     """
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(self, interval: float = 10.0, total: int | None = None) -> None:
         self.interval = interval
+        self.total = total
         self._start = time.monotonic()
         self._last: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"interval": self.interval}
+        return {"interval": self.interval, "total": self.total}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -43,7 +46,7 @@ class ProgressPrinter(Callback):
         running = sum(t.status == "RUNNING" for t in trials)
         elapsed = time.monotonic() - self._start
         print(
-            f"[{elapsed:7.1f}s {done}/{len(trials)} done, {running} running] {text}",
+            f"[{elapsed:7.1f}s {done}/{self.total or len(trials)} done, {running} running] {text}",
             file=sys.stdout,
             flush=True,
         )

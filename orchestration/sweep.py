@@ -391,7 +391,7 @@ def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bo
         name=space.name,
         storage_path=str(exp_dir.parent),
         storage_filesystem=filesystem,
-        callbacks=[TrialLogger(record), ProgressPrinter()],
+        callbacks=[TrialLogger(record), ProgressPrinter(total=_num_trials(space))],
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,

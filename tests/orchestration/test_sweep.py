@@ -31,7 +31,7 @@ def _children(client: MlflowClient, parent_run_id: str, experiment: str) -> list
     )
 
 
-def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, tmp_path):
+def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, tmp_path, capsys):
     space = make_space(name="smoke-e2e", epochs=EPOCHS, subset=1000, lam=[0.0, 1.0])
     out = io.StringIO()
     outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path / "ray", out=out)
@@ -45,6 +45,8 @@ def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, 
     assert (table.test_error < 0.9).all()  # learned something in two epochs on 1,000 images
     pd.testing.assert_frame_equal(pd.read_csv(outcome.csv), table, check_dtype=False)
     assert "4 finished" in out.getvalue()
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert progress and all("/4 done" in line for line in progress)  # out of the whole grid
 
     client = MlflowClient(mlflow_server)
     parent = client.get_run(outcome.record.parent_run_id)
