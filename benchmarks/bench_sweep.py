@@ -62,6 +62,7 @@ def main() -> None:
     bare = _bare(grid, per_trial)
     # For reference: one process given every core the sweep's trials use together.
     bare_all = _bare(grid, all_cores) if all_cores > per_trial else None
+    torch.set_num_threads(per_trial)  # the driver's own torch work (building models) too
 
     with tmp:
         os.chdir(tmp.name)  # the default MLflow store and Ray storage land here

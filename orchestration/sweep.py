@@ -100,15 +100,27 @@ def train_trial(config: dict[str, Any]) -> None:
             # The last epoch's folder also holds the logits (100 MB for 256 members); the
             # summary report just below checkpoints it, with the analyses, so not twice.
             last = epoch == train.epochs
-            checkpoint = None if last else tune.Checkpoint.from_directory(out)
+            checkpoint = None if last else _checkpoint(out)
             tune.report({**metrics, "status": "running"}, checkpoint=checkpoint)
 
         results = fit(train, [report], out_dir=out_dir)
         _analysis_artifacts(out_dir, train)
         summary = trial_summary(results)
-        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(out_dir))
+        tune.report(summary, checkpoint=_checkpoint(out_dir))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _checkpoint(folder: Path) -> Any:
+    """A Tune checkpoint of ``folder`` on the storage's own filesystem, so that Tune hard
+    links its files into storage instead of copying them (orchestration.storage). Safe
+    because no file in ``folder`` is ever rewritten in place: ``fit`` replaces its files
+    whole and the analysis artifacts are written once, before the last report."""
+    from ray import tune
+
+    from orchestration.storage import atomic_local_filesystem
+
+    return tune.Checkpoint(str(folder), filesystem=atomic_local_filesystem())
 
 
 def _analysis_artifacts(out_dir: Path, train: Any) -> None:

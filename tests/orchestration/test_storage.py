@@ -1,0 +1,72 @@
+"""The sweep's storage filesystem: whole-file writes, and checkpoints linked, not copied."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from orchestration.storage import atomic_local_filesystem
+
+
+def _replace(path: Path, data: bytes) -> None:  # how fit and Tune rewrite a file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_a_written_file_appears_only_when_complete(tmp_path: Path) -> None:
+    fs = atomic_local_filesystem()
+    target = tmp_path / "state" / "experiment_state.json"
+    stream = fs.open_output_stream(str(target))
+    stream.write(b'{"half": ')
+    assert not target.exists()  # a driver killed now leaves the previous version
+    stream.write(b"1}")
+    stream.close()
+    assert target.read_bytes() == b'{"half": 1}'
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary left
+
+
+def test_a_checkpoint_is_linked_into_storage_and_keeps_its_content(tmp_path: Path) -> None:
+    fs = atomic_local_filesystem()
+    source = tmp_path / "trial"
+    source.mkdir()
+    (source / "test_logits.pt").write_bytes(b"logits of epoch 3")
+    (source / "checkpoint.pt").write_bytes(b"weights of epoch 3")
+    storage = tmp_path / "storage" / "checkpoint_000002"
+    pafs.copy_files(str(source), str(storage), source_filesystem=fs, destination_filesystem=fs)
+
+    linked = storage / "test_logits.pt"
+    assert linked.stat().st_ino == (source / "test_logits.pt").stat().st_ino  # no bytes copied
+    _replace(source / "checkpoint.pt", b"weights of epoch 4")  # training goes on
+    assert (storage / "checkpoint.pt").read_bytes() == b"weights of epoch 3"
+    assert sorted(p.name for p in storage.iterdir()) == ["checkpoint.pt", "test_logits.pt"]
+
+
+def test_a_checkpoint_is_copied_where_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(18, "Invalid cross-device link")  # EXDEV: storage on another disk
+
+    monkeypatch.setattr(os, "link", no_links)
+    fs = atomic_local_filesystem()
+    source = tmp_path / "trial"
+    source.mkdir()
+    (source / "results.json").write_bytes(b"{}")
+    storage = tmp_path / "storage"
+    pafs.copy_files(str(source), str(storage), source_filesystem=fs, destination_filesystem=fs)
+    copied = storage / "results.json"
+    assert copied.read_bytes() == b"{}"
+    assert copied.stat().st_ino != (source / "results.json").stat().st_ino
+
+
+def test_instances_from_any_thread_are_one_filesystem() -> None:
+    # Tune persists checkpoints from the trial's thread with a filesystem unpickled in
+    # another; pyarrow only calls copy_file (a link) between filesystems that are equal.
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(atomic_local_filesystem).result()
+    assert atomic_local_filesystem().equals(other)
