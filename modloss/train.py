@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from modloss.data import DATASETS, DeviceLoader, load_splits, random_crop_flip
+from modloss.data import DATASETS, DeviceLoader, TensorPair, load_splits, random_crop_flip
 from modloss.losses import modular_loss
 from modloss.metrics import EpochMetrics, evaluate
 from modloss.models import EnsembleModel, create_model, list_models
@@ -46,8 +46,11 @@ __all__ = [
     "Callback",
     "StopTraining",
     "TrainConfig",
+    "build_loader",
     "build_model",
+    "build_optimizer",
     "fit",
+    "initial_results",
     "paper_lr",
 ]
 
@@ -228,6 +231,38 @@ def build_model(config: TrainConfig) -> EnsembleModel:
     return model
 
 
+def build_optimizer(
+    config: TrainConfig, model: nn.Module
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    """The paper's optimiser for ``config``: SGD with its momentum and weight decay, and
+    the learning rate divided by ``gamma`` at each of ``milestones`` (stepped per epoch)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, config.milestones, config.gamma
+    )
+
+
+def build_loader(config: TrainConfig, train: TensorPair, device: torch.device) -> DeviceLoader:
+    """The shuffled training batches of ``config`` on ``device``, seeded by the trial alone
+    (the same batches for every lambda), with crop+flip where the paper augments. Its
+    ``generator`` is the loader's state to checkpoint."""
+    generator = torch.Generator(device=device).manual_seed(_seed(config.trial, _SHUFFLE_STREAM))
+    augment = config.dataset in _AUGMENTED_BY_DEFAULT if config.augment is None else config.augment
+    return DeviceLoader(
+        *train,
+        config.batch_size,
+        shuffle=True,
+        augment=random_crop_flip if augment else None,
+        generator=generator,
+    )
+
+
 def fit(
     config: TrainConfig | dict[str, Any],
     callbacks: Iterable[Callback] = (),
@@ -281,24 +316,10 @@ def fit(
     )
     family = splits.info.family
     model = build_model(config).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.gamma)
-    generator = torch.Generator(device=device).manual_seed(_seed(config.trial, _SHUFFLE_STREAM))
-    augment = config.dataset in _AUGMENTED_BY_DEFAULT if config.augment is None else config.augment
-    loader = DeviceLoader(
-        *splits.train,
-        config.batch_size,
-        shuffle=True,
-        augment=random_crop_flip if augment else None,
-        generator=generator,
-    )
-    results = _initial_results(config, model)
+    optimizer, scheduler = build_optimizer(config, model)
+    loader = build_loader(config, splits.train, device)
+    generator = loader.generator
+    results = initial_results(config, model)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -394,7 +415,8 @@ def _train_epoch(
     return metrics.compute()
 
 
-def _initial_results(config: TrainConfig, model: EnsembleModel) -> dict[str, Any]:
+def initial_results(config: TrainConfig, model: EnsembleModel) -> dict[str, Any]:
+    """The results dict of a run before its first epoch (see :func:`fit` for the keys)."""
     return {
         "status": "running",
         "best_epoch": None,

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from modloss.data import DeviceLoader, load_splits, random_crop_flip
+from modloss.data import load_splits
 from modloss.losses import modular_loss
 from modloss.metrics import NEAR_CHANCE_FRACTION, EpochMetrics
 from modloss.parallel import (
@@ -55,19 +55,17 @@ from modloss.parallel import (
     shard_batch,
 )
 
-# The private names are fit's loader seed and augmentation default, so that a distributed
-# run pairs with fit's runs (same batches, same augmentation draws); modloss.train does not
-# export a loader factory yet.
+# fit's own builders, so that a distributed run pairs with fit's runs (same initial
+# weights, same batches, same augmentation draws).
 from modloss.train import (
-    _AUGMENTED_BY_DEFAULT,
-    _SHUFFLE_STREAM,
     RESULTS_FILE,
     TEST_LOGITS_FILE,
     VAL_LOGITS_FILE,
     TrainConfig,
-    _initial_results,
-    _seed,
+    build_loader,
     build_model,
+    build_optimizer,
+    initial_results,
 )
 from orchestration.spaces import Distributed, trial_summary
 
@@ -319,31 +317,11 @@ class _Worker:
                     forward_sync_buffers=False,  # BatchNorm buffers: synced before evaluation
                 )
                 count_ddp_traffic(self.net, self.comm)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=config.nesterov,
-        )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, config.milestones, config.gamma
-        )
-        self.generator = torch.Generator(device=device).manual_seed(
-            _seed(config.trial, _SHUFFLE_STREAM)
-        )
-        augment = (
-            config.dataset in _AUGMENTED_BY_DEFAULT if config.augment is None else config.augment
-        )
-        self.loader = DeviceLoader(
-            *self.splits.train,
-            config.batch_size,
-            shuffle=True,
-            augment=random_crop_flip if augment else None,
-            generator=self.generator,
-        )
+        self.optimizer, self.scheduler = build_optimizer(config, self.model)
+        self.loader = build_loader(config, self.splits.train, device)
+        self.generator = self.loader.generator
         self.results: dict[str, Any] = {
-            **_initial_results(config, full),
+            **initial_results(config, full),
             "distributed": spec.model_dump(),
             "resumed_from": [],  # epochs_completed at each restart from a checkpoint
         }
