@@ -71,7 +71,8 @@ TABLE_COLUMNS = [
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """Tune trainable: ``modloss.train.fit`` of ``config["train"]``, checkpointed each epoch.
+    """Tune trainable: ``modloss.train.fit`` of ``config["train"]``, checkpointed each epoch,
+    the last epoch's checkpoint with the analysis artifacts, then a summary report.
 
     Ends normally for a diverged run (status ``diverged`` in its last report).
     """
@@ -97,16 +98,19 @@ def train_trial(config: dict[str, Any]) -> None:
             checkpoint.to_directory(str(out_dir))
 
         def report(epoch: int, metrics: dict[str, float], out: Path | None) -> None:
-            # The last epoch's folder also holds the logits (100 MB for 256 members); the
-            # summary report just below checkpoints it, with the analyses, so not twice.
-            last = epoch == train.epochs
-            checkpoint = None if last else _checkpoint(out)
-            tune.report({**metrics, "status": "running"}, checkpoint=checkpoint)
+            if epoch == train.epochs:
+                # Finished: fit has written the best epoch's logits. The analyses go in this
+                # report's checkpoint, since a scheduler may end the trial right here (ASHA
+                # stops every trial that reaches max_t, before the summary).
+                _analysis_artifacts(out, train)
+            tune.report({**metrics, "status": "running"}, checkpoint=_checkpoint(out))
 
         results = fit(train, [report], out_dir=out_dir)
-        _analysis_artifacts(out_dir, train)
-        summary = trial_summary(results)
-        tune.report(summary, checkpoint=_checkpoint(out_dir))
+        final = None  # a finished run's folder is checkpointed already, analyses included
+        if results["status"] != "finished":  # diverged: analyse what it saved
+            _analysis_artifacts(out_dir, train)
+            final = _checkpoint(out_dir)
+        tune.report(trial_summary(results), checkpoint=final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -214,11 +218,15 @@ def _tune_config(space: SearchSpace) -> Any:
     if isinstance(space.scheduler, Asha):
         from ray.tune.schedulers import ASHAScheduler
 
+        max_t = space.scheduler.max_t or space.epochs
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
-            max_t=space.scheduler.max_t or space.epochs,
+            max_t=max_t,
             grace_period=space.scheduler.grace_period,
             reduction_factor=space.scheduler.reduction_factor,
+            # A trial that trains all its epochs ends itself, after its summary report
+            # (training_iteration epochs + 1); ASHA only stops it for a budget below that.
+            stop_last_trials=max_t < space.epochs,
         )
     return tune.TuneConfig(
         metric=METRIC,

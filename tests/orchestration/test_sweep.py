@@ -4,6 +4,8 @@ a real MLflow server. Each sweep is the smoke space made smaller."""
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -124,6 +126,15 @@ def test_optuna_search_with_asha(local_ray, mlflow_server, make_space, tmp_path)
     runs = _children(client, outcome.record.parent_run_id, "optuna-e2e")
     logged = {r.data.tags["trial_id"]: float(r.data.params["lr"]) for r in runs}
     assert logged == dict(zip(table.trial_id, table.lr, strict=True))  # what ran is logged
+    # ASHA stops every trial that reaches max_t = epochs, at its last epoch's report: a
+    # finished trial still has its analyses and its last epoch's results.
+    finished = [r for r in runs if r.data.tags["status"] == "finished"]
+    assert finished
+    for run in finished:
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"robustness.png", "specialists.csv", "results.json"} <= artifacts
+        path = client.download_artifacts(run.info.run_id, "results.json", str(tmp_path))
+        assert json.loads(Path(path).read_text())["epochs_completed"] == EPOCHS
 
 
 def test_crashing_trial_is_failed_not_left_running(local_ray, mlflow_server, make_space, tmp_path):
