@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU figures in one call of the device tool (docs/gpu.md).
+#
+#   bash benchmarks/gpu.sh fetch   # here: wheels the device lacks into .whl/, Fashion-MNIST into data/
+#   bash benchmarks/gpu.sh run     # there: installs .whl/, runs the CUDA benchmarks, logs to $OUT
+#
+# The device's python3 holds torch with CUDA, pandas, matplotlib, tqdm, typer and pyyaml but
+# not pydantic or platformdirs; nothing can be downloaded there. Both folders are git-ignored:
+# name them in the call's carry, ["data", ".whl"] (about 33 MB of the 64 MiB a call may take).
+# Ray (a 79 MB wheel) does not fit a call, so the Ray Train paths cannot run there this way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fetch() {
+  local py=.venv/bin/python
+  [ -x "$py" ] || py=python3
+  rm -rf .whl && mkdir -p .whl data
+  local pkg
+  for pkg in pydantic pydantic-core annotated-types typing-inspection platformdirs; do
+    "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux_2_28_x86_64 -d .whl \
+      "$pkg==$("$py" -m pip show "$pkg" | awk '/^Version/ {print $2}')"
+  done
+  cp -r "${MODLOSS_DATA_DIR:-../shared/data}/fashion-mnist" data/
+  du -sh .whl data
+}
+
+run() {
+  local out=${OUT:-/tmp/gpu-figures}
+  mkdir -p "$out"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MODLOSS_DATA_DIR="$PWD/data"
+  nvidia-smi -L | tee "$out/gpu.txt"
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" |
+    tee -a "$out/gpu.txt"
+  # Each step's time limit keeps the whole call inside the tool's 10 minutes per command.
+  timeout 240 python3 benchmarks/bench_step.py --device cuda 2>&1 | tee "$out/bench_step.txt"
+  timeout 60 python3 benchmarks/bench_loss.py --device cuda 2>&1 | tee "$out/bench_loss.txt"
+  timeout 60 python3 benchmarks/bench_loader.py --device cuda 2>&1 | tee "$out/bench_loader.txt"
+  timeout 180 python3 benchmarks/bench_distributed.py --quick --device cuda \
+    --json "$out/bench_distributed.json" 2>&1 | tee "$out/bench_distributed.txt"
+}
+
+case "${1:-}" in
+  fetch) fetch ;;
+  run) run ;;
+  *) echo "usage: bash benchmarks/gpu.sh fetch|run" >&2; exit 2 ;;
+esac
