@@ -32,7 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from modloss.data import DATASETS, DeviceLoader, TensorPair, load_splits, random_crop_flip
+from modloss.data import (
+    DATASETS,
+    DeviceLoader,
+    Splits,
+    TensorPair,
+    load_splits,
+    random_crop_flip,
+)
 from modloss.losses import modular_loss
 from modloss.metrics import EpochMetrics, evaluate
 from modloss.models import EnsembleModel, create_model, list_models
@@ -49,6 +56,7 @@ __all__ = [
     "build_loader",
     "build_model",
     "build_optimizer",
+    "build_splits",
     "fit",
     "initial_results",
     "paper_lr",
@@ -231,6 +239,19 @@ def build_model(config: TrainConfig) -> EnsembleModel:
     return model
 
 
+def build_splits(config: TrainConfig, device: torch.device) -> Splits:
+    """The train / validation / test splits of ``config`` on ``device``: its dataset,
+    subset and validation size, the validation split seeded by the trial."""
+    return load_splits(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        trial=config.trial,
+        subset=config.subset,
+        device=device,
+    )
+
+
 def build_optimizer(
     config: TrainConfig, model: nn.Module
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
@@ -306,14 +327,7 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
 
     device = torch.device(config.device)
-    splits = load_splits(
-        config.dataset,
-        data_dir=config.data_dir,
-        val_size=config.val_size,
-        trial=config.trial,
-        subset=config.subset,
-        device=device,
-    )
+    splits = build_splits(config, device)
     family = splits.info.family
     model = build_model(config).to(device)
     optimizer, scheduler = build_optimizer(config, model)

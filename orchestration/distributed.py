@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from modloss.data import load_splits
 from modloss.losses import modular_loss
 from modloss.metrics import NEAR_CHANCE_FRACTION, EpochMetrics
 from modloss.parallel import (
@@ -65,9 +64,11 @@ from modloss.train import (
     build_loader,
     build_model,
     build_optimizer,
+    build_splits,
     initial_results,
 )
 from orchestration.spaces import Distributed, trial_summary
+from orchestration.storage import linked_checkpoint
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -211,7 +212,7 @@ def train_trial(
                 shutil.copy(Path(saved) / file, Path(tmp) / file)
         if artifacts is not None:
             artifacts(Path(tmp), train)
-        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(tmp))
+        tune.report(summary, checkpoint=linked_checkpoint(Path(tmp)))
 
 
 def load_results(checkpoint: Checkpoint | str | Path) -> dict[str, Any]:
@@ -290,14 +291,7 @@ class _Worker:
         )
         self.comm = Communicator()  # per-step training traffic
         self.eval_comm = Communicator()  # per-epoch metrics and evaluation
-        self.splits = load_splits(
-            config.dataset,
-            data_dir=config.data_dir,
-            val_size=config.val_size,
-            trial=config.trial,
-            subset=config.subset,
-            device=device,
-        )
+        self.splits = build_splits(config, device)
         self.family = self.splits.info.family
         full = build_model(config)  # the same initial weights on every rank
         self.num_members = full.num_members

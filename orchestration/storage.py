@@ -15,12 +15,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_local_filesystem"]
+__all__ = ["atomic_local_filesystem", "linked_checkpoint"]
 
 
 class _RenameOnClose(io.RawIOBase):
@@ -89,3 +90,13 @@ def atomic_local_filesystem() -> pafs.FileSystem:
     """A pyarrow filesystem over local paths whose writes are all-or-nothing. Copies within
     it (a checkpoint folder made with it, into storage on it) are hard links when possible."""
     return pafs.PyFileSystem(_AtomicLocalHandler())
+
+
+def linked_checkpoint(folder: Path) -> Any:
+    """A Tune checkpoint of ``folder`` on this filesystem, so that Tune hard links its files
+    into the sweep's storage instead of copying them. Only for folders whose files are never
+    rewritten in place once reported (``fit`` replaces its files whole; the analysis
+    artifacts and a distributed trial's copied results are written once)."""
+    from ray import tune
+
+    return tune.Checkpoint(str(folder), filesystem=atomic_local_filesystem())

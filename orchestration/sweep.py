@@ -79,6 +79,7 @@ def train_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from modloss.train import TrainConfig, fit
+    from orchestration.storage import linked_checkpoint
 
     if "distributed" in config:  # one Ray Train run per trial, on several workers
         from orchestration.distributed import train_trial as train_distributed
@@ -103,28 +104,16 @@ def train_trial(config: dict[str, Any]) -> None:
                 # report's checkpoint, since a scheduler may end the trial right here (ASHA
                 # stops every trial that reaches max_t, before the summary).
                 _analysis_artifacts(out, train)
-            tune.report({**metrics, "status": "running"}, checkpoint=_checkpoint(out))
+            tune.report({**metrics, "status": "running"}, checkpoint=linked_checkpoint(out))
 
         results = fit(train, [report], out_dir=out_dir)
         final = None  # a finished run's folder is checkpointed already, analyses included
         if results["status"] != "finished":  # diverged: analyse what it saved
             _analysis_artifacts(out_dir, train)
-            final = _checkpoint(out_dir)
+            final = linked_checkpoint(out_dir)
         tune.report(trial_summary(results), checkpoint=final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def _checkpoint(folder: Path) -> Any:
-    """A Tune checkpoint of ``folder`` on the storage's own filesystem, so that Tune hard
-    links its files into storage instead of copying them (orchestration.storage). Safe
-    because no file in ``folder`` is ever rewritten in place: ``fit`` replaces its files
-    whole and the analysis artifacts are written once, before the last report."""
-    from ray import tune
-
-    from orchestration.storage import atomic_local_filesystem
-
-    return tune.Checkpoint(str(folder), filesystem=atomic_local_filesystem())
 
 
 def _analysis_artifacts(out_dir: Path, train: Any) -> None:
