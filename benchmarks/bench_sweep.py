@@ -91,8 +91,8 @@ def _bare(grid: list[dict], threads: int) -> float:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     for config in grid:
-        results = fit(config)
-        assert results["status"] == "finished", results["status"]
+        result = fit(config)
+        assert result.status == "finished", result.status
     return time.perf_counter() - start
 
 

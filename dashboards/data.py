@@ -2,8 +2,9 @@
 
 The names read here are the ones ``orchestration.tracking`` writes: a parent run per sweep
 (tag ``modloss.role = sweep``, ``sweep_id``), one child run per trial (tags ``model``,
-``lam``, ``trial``, ``status``; summary metrics ``best_epoch``, ``best_test_error`` ...;
-per-epoch metrics with step = epoch) and the per-trial CSV artifacts (``robustness.csv``,
+``num_members``, ``lam``, ``trial``, ``status``; summary metrics ``best_epoch``,
+``val_error``, ``test_error`` ... at the best-validation epoch; per-epoch curves
+``epoch/...`` with step = epoch) and the per-trial CSV artifacts (``robustness.csv``,
 ``specialists.csv``, ``member_entropy.csv``, ``confusion.csv``). Anything missing (a trial
 still running, an artifact never written) becomes absent rows, never an error: the report
 shows the gap.
@@ -21,6 +22,16 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from modloss.names import (
+    CONFUSION_CSV,
+    MEMBER_ENTROPY_CSV,
+    ROBUSTNESS_CSV,
+    SPECIALISTS_CSV,
+    SUMMARY_METRICS,
+    TAGS,
+    curve,
+)
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -31,26 +42,19 @@ __all__ = [
     "load_sweep",
 ]
 
-RUN_COLUMNS = [
-    "run_id",
-    "model",
-    "lam",
-    "trial",
-    "status",
-    "best_epoch",
-    "best_val_error",
-    "best_test_error",
-    "final_test_error",
-]
-# Fig. 3: the test losses at the best-validation epoch.
-LOSS_METRICS = {"ensemble_nll": "test_ensemble_nll", "member_nll": "test_member_nll"}
-# Fig. 7: error over epochs, ensemble and members.
-CURVE_METRICS = [
-    "test_error",
-    "test_member_error_min",
-    "test_member_error_mean",
-    "test_member_error_max",
-]
+RUN_COLUMNS = ["run_id", "model", "num_members", "lam", "trial", "status", *SUMMARY_METRICS]
+# Fig. 3: the test losses at the best-validation epoch (column: per-epoch curve).
+LOSS_METRICS = {"ensemble_nll": curve("test_ensemble_nll"), "member_nll": curve("test_member_nll")}
+# Fig. 7: error over epochs, ensemble and members (column: per-epoch curve).
+CURVE_METRICS = {
+    name: curve(name)
+    for name in (
+        "test_error",
+        "test_member_error_min",
+        "test_member_error_mean",
+        "test_member_error_max",
+    )
+}
 # Trial outcomes whose best-validation test error is a result.
 DONE = ("finished", "diverged")
 _FETCH_THREADS = 8
@@ -114,8 +118,14 @@ class SweepData:
     def done(self) -> pd.DataFrame:
         """Runs with a result: finished or diverged, with a best-validation test error."""
         runs = self.runs
-        ok = runs["status"].isin(DONE) & runs["best_test_error"].notna()
+        ok = runs["status"].isin(DONE) & runs["test_error"].notna()
         return runs[ok]
+
+    def members(self, model: str) -> int:
+        """The ensemble size of ``model``, from its runs' logged model configuration (tag
+        ``num_members``); 1 for a model with no such run."""
+        sizes = self.runs.loc[self.runs["model"] == model, "num_members"].dropna()
+        return int(sizes.iloc[0]) if len(sizes) else 1
 
 
 @contextlib.contextmanager
@@ -159,12 +169,15 @@ def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
         {
             "run_id": _column(frame, "run_id"),
             "model": _column(frame, "tags.model"),
+            "num_members": pd.to_numeric(
+                _column(frame, f"tags.{TAGS['num_members']}"), errors="coerce"
+            ),
             "lam": pd.to_numeric(_column(frame, "tags.lam"), errors="coerce"),
             "trial": pd.to_numeric(_column(frame, "tags.trial"), errors="coerce"),
             "status": _column(frame, "tags.status").fillna("unknown"),
         }
     )
-    for metric in ("best_epoch", "best_val_error", "best_test_error", "final_test_error"):
+    for metric in SUMMARY_METRICS:
         runs[metric] = pd.to_numeric(_column(frame, f"metrics.{metric}"), errors="coerce")
     runs = runs.dropna(subset=["lam", "trial"]).astype({"trial": int})
     return runs.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
@@ -191,14 +204,15 @@ def _fetch_all(fn: Callable, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def _histories(client: MlflowClient, runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per-epoch values of ``metrics`` for ``runs``: model, lam, trial, epoch, *metrics."""
+def _histories(client: MlflowClient, runs: pd.DataFrame, metrics: dict[str, str]) -> pd.DataFrame:
+    """Per-epoch values of the curves ``metrics`` (column -> MLflow metric) for ``runs``:
+    model, lam, trial, epoch, *columns."""
 
     def fetch(row: dict) -> pd.DataFrame:
         series = {}
-        for metric in metrics:
+        for column, metric in metrics.items():
             points = client.get_metric_history(row["run_id"], metric)
-            series[metric] = pd.Series({p.step: p.value for p in points}, dtype=float)
+            series[column] = pd.Series({p.step: p.value for p in points}, dtype=float)
         frame = pd.DataFrame(series).rename_axis("epoch").reset_index()
         return frame.assign(model=row["model"], lam=row["lam"], trial=row["trial"])
 
@@ -229,10 +243,9 @@ def _artifact_tables(
 
 
 def _losses_at_best_epoch(client: MlflowClient, done: pd.DataFrame) -> pd.DataFrame:
-    history = _histories(client, done, list(LOSS_METRICS.values()))
+    history = _histories(client, done, LOSS_METRICS)
     best = done[["model", "lam", "trial", "best_epoch"]].rename(columns={"best_epoch": "epoch"})
     merged = history.merge(best, on=["model", "lam", "trial", "epoch"])
-    merged = merged.rename(columns={v: k for k, v in LOSS_METRICS.items()})
     return merged[["model", "lam", "trial", *LOSS_METRICS]]
 
 
@@ -278,16 +291,16 @@ def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = Non
     with tempfile.TemporaryDirectory(prefix="modloss-report-") as tmp:
         workdir = Path(tmp)
         data.robustness = _robustness_curves(
-            _artifact_tables(client, done, "robustness.csv", workdir)
+            _artifact_tables(client, done, ROBUSTNESS_CSV, workdir)
         )
-        specialists = _artifact_tables(client, done, "specialists.csv", workdir)
+        specialists = _artifact_tables(client, done, SPECIALISTS_CSV, workdir)
         if not specialists.empty:
             data.specialists = specialists
         single = first_trials(done)
-        entropy = _artifact_tables(client, single, "member_entropy.csv", workdir)
+        entropy = _artifact_tables(client, single, MEMBER_ENTROPY_CSV, workdir)
         if not entropy.empty:
             data.entropy = entropy
-        confusion = _artifact_tables(client, single, "confusion.csv", workdir)
+        confusion = _artifact_tables(client, single, CONFUSION_CSV, workdir)
         if not confusion.empty:
             data.confusion = confusion
     return data
@@ -295,13 +308,3 @@ def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = Non
 
 def fmt_lam(lam: float) -> str:
     return f"{lam:g}"
-
-
-def num_members(model: str) -> int:
-    """Ensemble size from a paper-style name: ``256-M-4-H`` -> 256, ``DN-64-6-16`` -> 16,
-    ``CNN-10`` -> 10; 1 when the name says nothing."""
-    head, _, rest = model.partition("-M-")
-    if rest and head.isdigit():
-        return int(head)
-    tail = model.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 1

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dashboards.data import SweepData, first_trials, fmt_lam, num_members
+from dashboards.data import SweepData, first_trials, fmt_lam
 
 __all__ = [
     "EMPTY",
@@ -33,14 +33,14 @@ __all__ = [
 PAPER_FOCUS = ("DN-64-6-16", "256-M-4-H")
 
 
-def _sorted_models(models: Iterable[str]) -> list[str]:
-    return sorted(set(models), key=lambda m: (num_members(m), m))
+def _sorted_models(data: SweepData, models: Iterable[str]) -> list[str]:
+    return sorted(set(models), key=lambda m: (data.members(m), m))
 
 
-def focus_model(models: Iterable[str]) -> str | None:
+def focus_model(data: SweepData, models: Iterable[str]) -> str | None:
     """The paper's model for single-configuration figures if present, else the largest
     ensemble (most members) in the sweep."""
-    present = _sorted_models(models)
+    present = _sorted_models(data, models)
     for name in PAPER_FOCUS:
         if name in present:
             return name
@@ -55,7 +55,7 @@ def missing_cells(data: SweepData) -> list[tuple[str, float]]:
     have = set(map(tuple, data.done[["model", "lam"]].drop_duplicates().to_numpy()))
     return [
         (m, lam)
-        for m in _sorted_models(runs["model"])
+        for m in _sorted_models(data, runs["model"])
         for lam in sorted(runs["lam"].unique())
         if (m, lam) not in have
     ]
@@ -125,10 +125,10 @@ def fig2_test_error(data: SweepData) -> Figure:
     done = data.done
     if done.empty:
         return _empty_figure("Fig. 2: test error vs λ", "no finished runs yet")
-    stats = _mean_se(done, ["model", "lam"], "best_test_error")
+    stats = _mean_se(done, ["model", "lam"], "test_error")
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
-    for model in _sorted_models(stats["model"]):
+    for model in _sorted_models(data, stats["model"]):
         s = stats[stats["model"] == model].sort_values("lam")
         ax.errorbar(
             s["lam"],
@@ -159,7 +159,7 @@ def fig3_losses(data: SweepData) -> Figure:
     losses = data.losses.dropna(subset=["ensemble_nll", "member_nll"], how="all")
     if losses.empty:
         return _empty_figure("Fig. 3: ensemble and member loss vs λ", "no test losses logged")
-    models = _sorted_models(losses["model"])
+    models = _sorted_models(data, losses["model"])
     fig = Figure(figsize=(4.2 * len(models), 3.8))
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models, strict=True):
@@ -193,7 +193,7 @@ def fig4_robustness(data: SweepData) -> Figure:
         return _empty_figure(
             "Fig. 4: robustness to dropped members", "no robustness.csv artifacts logged"
         )
-    models = _sorted_models(curves["model"])
+    models = _sorted_models(data, curves["model"])
     fig = Figure(figsize=(4.6 * len(models), 3.9))
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models, strict=True):
@@ -207,14 +207,14 @@ def fig4_robustness(data: SweepData) -> Figure:
                 100 * (s["mean"] + s["se"].fillna(0)),
                 alpha=0.2,
             )
-        ax.set_title(f"{model} ({num_members(model)} members)")
+        ax.set_title(f"{model} ({data.members(model)} members)")
         ax.set_xlabel("members dropped at random")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     expected = {(m, lam) for m, lam in map(tuple, data.done[["model", "lam"]].to_numpy())}
     have = set(map(tuple, curves[["model", "lam"]].drop_duplicates().to_numpy()))
-    lacking = sorted(c for c in expected - have if num_members(c[0]) > 1)
+    lacking = sorted(c for c in expected - have if data.members(c[0]) > 1)
     notes = _note(fig, _missing_note(lacking, "no robustness curve"))
     _bottom_margin(fig, notes)
     return fig
@@ -237,7 +237,7 @@ def fig5_specialists(data: SweepData) -> Figure:
     columns = [c for pair in _F1_SERIES.values() for c, _ in pair]
     # Mean over the one-vs-all problems of each trial, then mean ± s.e. over trials.
     per_trial = spec.groupby(["model", "lam", "trial"], as_index=False)[columns].mean()
-    models = _sorted_models(per_trial["model"])
+    models = _sorted_models(data, per_trial["model"])
     sizes = spec.groupby("model")["subset_size"].first() if "subset_size" in spec else {}
     fig = Figure(figsize=(9, 3.4 * len(models)))
     axes = fig.subplots(len(models), 2, squeeze=False)
@@ -272,7 +272,7 @@ def fig7_error_curves(data: SweepData) -> Figure:
     curves = first_trials(data.curves.dropna(subset=["test_error"]))
     if curves.empty:
         return _empty_figure("Fig. 7: error over epochs", "no per-epoch metrics logged")
-    models = _sorted_models(curves["model"])
+    models = _sorted_models(data, curves["model"])
     lams = sorted(data.runs["lam"].unique()) if len(data.runs) else sorted(curves["lam"].unique())
     fig = Figure(figsize=(2.6 * len(lams) + 0.6, 2.3 * len(models) + 0.5))
     axes = fig.subplots(len(models), len(lams), squeeze=False, sharey=True)
@@ -334,7 +334,7 @@ def fig10_confusion(data: SweepData, *, model: str | None = None, members: int =
     spaced members of one trial, one row per λ (the paper: DN-64-6-16)."""
     conf = data.confusion
     if model is None and not conf.empty:
-        model = focus_model(conf["model"])
+        model = focus_model(data, conf["model"])
     if conf.empty or model is None:
         return _empty_figure("Fig. 10: member confusion matrices", "no confusion.csv artifacts")
     conf = conf[conf["model"] == model]

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from dashboards.data import SweepData, first_trials, fmt_lam, num_members
+from dashboards.data import SweepData, first_trials, fmt_lam
 from dashboards.figures import focus_model
 
 __all__ = [
@@ -67,7 +67,7 @@ def _select(done: pd.DataFrame, model: str, lam: float | None) -> pd.Series:
     rows = done[done["model"] == model]
     if lam is not None:
         rows = rows[np.isclose(rows["lam"].astype(float), lam, atol=_LAM_TOL)]
-    return rows["best_test_error"]
+    return rows["test_error"]
 
 
 def error_by_configuration(data: SweepData) -> pd.DataFrame:
@@ -77,7 +77,7 @@ def error_by_configuration(data: SweepData) -> pd.DataFrame:
         return pd.DataFrame({"": ["no runs"]})
     done = data.done
     lams = sorted(runs["lam"].unique())
-    models = sorted(runs["model"].unique(), key=lambda m: (num_members(m), m))
+    models = sorted(runs["model"].unique(), key=lambda m: (data.members(m), m))
     table = pd.DataFrame(
         [[_percent(_select(done, m, lam)) for lam in lams] for m in models],
         index=pd.Index(models, name="model"),
@@ -119,7 +119,11 @@ def table6_entropy(data: SweepData, *, model: str | None = None) -> pd.DataFrame
     entropy on the test set, one trial of one configuration, per λ."""
     entropy = data.entropy
     if model is None:
-        model = focus_model(entropy["model"]) if not entropy.empty else focus_model(data.runs.model)
+        model = (
+            focus_model(data, entropy["model"])
+            if not entropy.empty
+            else focus_model(data, data.runs.model)
+        )
     stats = ["min", "max", "mean", "std"]
     lams = set(data.runs.loc[data.runs["model"] == model, "lam"])
     if model == "DN-64-6-16":

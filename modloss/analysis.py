@@ -31,6 +31,13 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from modloss.metrics import NEAR_CHANCE_FRACTION, member_entropy
+from modloss.names import (
+    RESULTS_FILE,
+    ROBUSTNESS_CSV,
+    ROBUSTNESS_PNG,
+    TEST_LOGITS_FILE,
+    VAL_LOGITS_FILE,
+)
 
 __all__ = [
     "ANALYSES",
@@ -62,7 +69,10 @@ class SavedLogits(NamedTuple):
 
 def load_logits(run_dir: str | Path, split: str = "test") -> SavedLogits:
     """The member logits ``fit`` saved for ``split`` ("test" or "val") in ``run_dir``."""
-    path = Path(run_dir) / f"{split}_logits.pt"
+    files = {"test": TEST_LOGITS_FILE, "val": VAL_LOGITS_FILE}
+    if split not in files:
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    path = Path(run_dir) / files[split]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} the out_dir of a finished fit?")
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -448,7 +458,7 @@ def _categorical(run_dir: Path, split: str = "test") -> SavedLogits:
 
 def _title(run_dir: Path, what: str) -> str:
     try:
-        config = json.loads((run_dir / "results.json").read_text())["config"]
+        config = json.loads((run_dir / RESULTS_FILE).read_text())["config"]
     except (OSError, ValueError, KeyError):
         return what
     return f"{what}: {config['model']}, lam={config['lam']:g}"
@@ -457,9 +467,9 @@ def _title(run_dir: Path, what: str) -> str:
 def _run_robustness(run_dir: Path, seed: int) -> AnalysisResult:
     saved = _categorical(run_dir)
     frame = robustness(saved.eta, saved.target, seed=seed)
-    frame.to_csv(run_dir / "robustness.csv", index=False)
+    frame.to_csv(run_dir / ROBUSTNESS_CSV, index=False)
     label = _title(run_dir, "robustness")
-    figure = plot_robustness({"": frame}, run_dir / "robustness.png", title=label)
+    figure = plot_robustness({"": frame}, run_dir / ROBUSTNESS_PNG, title=label)
     return AnalysisResult(robustness_summary(frame), {"epoch": saved.epoch}, figure)
 
 

@@ -78,10 +78,19 @@ def train(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N or mps. (default: cpu)")
     ] = None,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="single, or under torchrun (one process per rank): ddp (data parallel) or "
+            "module (members split across ranks, the paper's section 3.3)."
+        ),
+    ] = "single",
 ) -> None:
     """Train one ensemble with the paper's protocol; writes OUT/results.json, the
     checkpoint and the test/validation logits of the best-validation epoch."""
-    from modloss.train import CHECKPOINT_FILE, TrainConfig, fit
+    from modloss.names import CHECKPOINT_FILE
+    from modloss.strategies import STRATEGIES, make_strategy
+    from modloss.train import TrainConfig, fit
 
     given: dict[str, Any] = {
         "model": model,
@@ -104,15 +113,20 @@ def train(
         config = TrainConfig.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as err:
         raise _fail(_describe(err)) from None
-    if (out / CHECKPOINT_FILE).is_file():
+    if strategy not in STRATEGIES:
+        raise _fail(f"--strategy {strategy!r}: allowed: {', '.join(STRATEGIES)}")
+    run = make_strategy(strategy)
+    if run.is_main and (out / CHECKPOINT_FILE).is_file():
         typer.echo(f"resuming from {out / CHECKPOINT_FILE}", err=True)
     try:
-        results = fit(config, out_dir=out, progress=True)
+        result = fit(config, out_dir=out, progress=True, strategy=run)
     except (ValueError, FileNotFoundError) as err:  # a foreign out dir, missing data files
         raise _fail(str(err)) from None
-    summary = {k: v for k, v in results.items() if k not in ("history", "config")}
-    typer.echo(json.dumps(summary, indent=1))
-    if results["status"] == "diverged":
+    if run.is_main:
+        typer.echo(
+            json.dumps(result.model_dump(mode="json", exclude={"history", "config"}), indent=1)
+        )
+    if result.status == "diverged":
         raise typer.Exit(1)
 
 

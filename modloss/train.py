@@ -19,7 +19,6 @@ the training set; validation and test metrics come from an eval-mode pass after 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -40,9 +39,10 @@ from modloss.data import (
     load_splits,
     random_crop_flip,
 )
-from modloss.losses import modular_loss
-from modloss.metrics import EpochMetrics, evaluate
 from modloss.models import EnsembleModel, create_model, list_models
+from modloss.names import CHECKPOINT_FILE, RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE
+from modloss.records import EpochRecord, RunResult
+from modloss.strategies import Strategy, make_strategy
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -61,11 +61,6 @@ __all__ = [
     "initial_results",
     "paper_lr",
 ]
-
-CHECKPOINT_FILE = "checkpoint.pt"
-RESULTS_FILE = "results.json"
-TEST_LOGITS_FILE = "test_logits.pt"
-VAL_LOGITS_FILE = "val_logits.pt"
 
 _MLP_LAMS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
 _CNN_LAMS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.99, 1.0)
@@ -211,7 +206,7 @@ class StopTraining(Exception):  # noqa: N818 (a control-flow signal, not an erro
     """Raise from a callback to end the run cleanly with status ``"stopped"``."""
 
 
-Callback = Callable[[int, dict[str, float], Path | None], None]
+Callback = Callable[[RunResult, Path | None], None]
 
 
 def build_model(config: TrainConfig) -> EnsembleModel:
@@ -290,194 +285,191 @@ def fit(
     *,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
-    """Train ``config`` and return its results (a JSON-able dict).
+    strategy: Strategy | str = "single",
+) -> RunResult:
+    """Train ``config`` and return its :class:`~modloss.records.RunResult`.
 
-    With ``out_dir``, each epoch writes ``checkpoint.pt`` and ``results.json`` atomically,
-    and when the run ends (finished, diverged or stopped) the member natural parameters of
-    its best-validation epoch on the test and validation sets (``test_logits.pt``,
-    ``val_logits.pt``: dicts with ``eta`` ``(M, N, K)``, ``target``, ``epoch``, ``split``,
-    ``family``), before the checkpoint that says so. Until then they are kept in memory: an
-    epoch's checkpoint holds the best weights, not the logits (100 MB for 256 members on
-    5,000 images), so it stays cheap to copy. Calling ``fit`` again with the same
-    ``out_dir`` resumes from the checkpoint (only ``epochs``, ``device`` and ``data_dir``
-    may differ), recomputing the best epoch's logits from its weights if this process did
-    not see that epoch; a run that already reached ``epochs``, or diverged, is returned as
-    stored without loading any data.
+    This is the one epoch loop of modloss: one device, DDP or module parallel is only the
+    ``strategy`` (a name of :data:`modloss.strategies.STRATEGIES` or a
+    :class:`~modloss.strategies.Strategy`), which computes each step's loss and gradients,
+    merges the training metrics and gathers the evaluations across the processes of the
+    default ``torch.distributed`` group (``torchrun`` or Ray Train set it up).
 
-    Each callback is called as ``callback(epoch, metrics, out_dir)`` after the epoch's
-    checkpoint is written, with the epoch's scalar metrics plus ``epoch``, ``best_epoch``,
-    ``best_val_error`` and ``best_test_error`` (test error at the best-validation epoch so
-    far). A callback raising :class:`StopTraining` ends the run with status ``"stopped"``
-    (a later ``fit`` on the same ``out_dir`` continues it); any other exception propagates
-    to the caller, the checkpoint of that epoch already on disk.
+    With ``out_dir``, each epoch writes the checkpoint (``checkpoint.pt``; per rank for
+    module parallel) and ``results.json`` atomically, and when the run ends (finished,
+    diverged or stopped) the member natural parameters of its best-validation epoch on the
+    test and validation sets (``test_logits.pt``, ``val_logits.pt``: dicts with ``eta``
+    ``(M, N, K)``, ``target``, ``epoch``, ``split``, ``family``), before the checkpoint that
+    says so. Until then they are kept in memory: an epoch's checkpoint holds the best
+    weights, not the logits (100 MB for 256 members on 5,000 images), so it stays cheap to
+    copy. Calling ``fit`` again with the same ``out_dir`` resumes from the checkpoint (only
+    ``epochs``, ``device`` and ``data_dir`` may differ), recomputing the best epoch's logits
+    from its weights if this process did not see that epoch; a run that already reached
+    ``epochs``, or diverged, is returned as stored without loading any data.
 
-    Results: ``status`` (``finished`` | ``diverged`` | ``stopped``), ``best_epoch``,
-    ``best_val_error``, ``test_error`` (at ``best_epoch``), ``final_test_error``,
-    ``diverged_epoch``, ``epochs_completed``, ``params``, ``model_config`` (the model's
-    constructor arguments), ``config`` and ``history`` (one dict per completed epoch; see
-    :mod:`modloss.metrics` for the metric names).
+    Each callback is called as ``callback(result, out_dir)`` after each epoch's checkpoint
+    is written (``result.history[-1]`` is that epoch), and once more when the run diverges
+    (``result.status == "diverged"``). A callback raising :class:`StopTraining` ends the run
+    with status ``"stopped"`` (a later ``fit`` on the same ``out_dir`` continues it); any
+    other exception propagates to the caller, the checkpoint of that epoch already on disk.
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config)
+    run = strategy if isinstance(strategy, Strategy) else make_strategy(strategy)
     out = Path(out_dir) if out_dir is not None else None
-    saved = _load_checkpoint(out, config) if out is not None else None
-    if saved is not None and _is_complete(saved["results"], config):
-        return saved["results"]
+    saved = _load_checkpoint(out, config, run) if out is not None else None
+    if saved is not None and saved["result"].is_complete(config.epochs):
+        return saved["result"]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    device = torch.device(config.device)
+    device = run.device(config.device)
     splits = build_splits(config, device)
     family = splits.info.family
-    model = build_model(config).to(device)
+    full = build_model(config)
+    result = initial_results(config, full, run)
+    model = run.prepare(
+        full, device, family=family, lam=config.lam, num_classes=splits.info.num_classes
+    )
     optimizer, scheduler = build_optimizer(config, model)
     loader = build_loader(config, splits.train, device)
     generator = loader.generator
-    results = initial_results(config, model)
+    best_model = None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"], generator)
-        results = {**saved["results"], "config": config.model_dump(), "status": "running"}
-    best_model = saved["best_model"] if saved is not None else None
+        best_model = saved["best_model"]
+        stored = saved["result"]
+        result = stored.model_copy(
+            update={
+                "config": config.model_dump(),
+                "status": "running",
+                "resumed_from": [*stored.resumed_from, stored.epochs_completed],
+            }
+        )
     best_logits: dict[str, dict[str, Any]] = {}  # split -> saved dict, from this process
+    eval_size = config.eval_batch_size
 
     def recompute() -> dict[str, dict[str, Any]]:
         """The best epoch's logits from its weights (a resumed run that did not see it)."""
-        best = build_model(config).to(device)
-        best.load_state_dict(best_model)
-        kw = {"family": family, "lam": config.lam, "batch_size": config.eval_batch_size}
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_model)
         logits = {}
         for split, pair in (("test", splits.test), ("val", splits.val)):
-            eta = evaluate(best, *pair, keep_eta=True, **kw)[1]
-            logits[split] = _logits(eta, pair, results["best_epoch"], split, family)
+            eta = run.evaluate(*pair, batch_size=eval_size, keep_eta=True)[1]
+            logits[split] = _logits(eta, pair, result.best_epoch, split, family)
+        model.load_state_dict(current)
         return logits
 
-    start = results["epochs_completed"]
+    def write(logits: bool) -> None:
+        if out is None:
+            return
+        if logits:
+            _write_logits(out, result, best_logits, recompute, run)
+        _write_state(out, result, model, optimizer, scheduler, generator, best_model, run)
+
+    start = result.epochs_completed
     bar = tqdm(
         total=config.epochs * len(loader),
         initial=start * len(loader),
-        disable=not progress,
+        disable=not progress or not run.is_main,
         unit="batch",
         desc=f"{config.model} lam={config.lam:g}",
     )
     for epoch in range(start + 1, config.epochs + 1):
         tic = time.perf_counter()
-        entry: dict[str, Any] = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-        train = _train_epoch(model, loader, optimizer, family, config.lam, bar)
+        lr = scheduler.get_last_lr()[0]
+        train = _train_epoch(run, loader, optimizer, bar)
         scheduler.step()
-        entry.update(_prefixed("train", train))
-        if _finite(entry):
-            eval_kw = {"family": family, "lam": config.lam, "batch_size": config.eval_batch_size}
-            val, val_eta = evaluate(model, *splits.val, keep_eta=True, **eval_kw)
-            improved = results["best_epoch"] is None or val["error"] < results["best_val_error"]
-            test, test_eta = evaluate(model, *splits.test, keep_eta=improved, **eval_kw)
-            entry.update(_prefixed("val", val))
-            entry.update(_prefixed("test", test))
-        entry["epoch_seconds"] = time.perf_counter() - tic
-        if not _finite(entry):
-            results.update(status="diverged", diverged_epoch=epoch)
+        record = None
+        if _finite(train):
+            val, val_eta = run.evaluate(*splits.val, batch_size=eval_size, keep_eta=True)
+            improved = result.best_epoch is None or val["error"] < result.val_error
+            test, test_eta = run.evaluate(*splits.test, batch_size=eval_size, keep_eta=improved)
+            record = EpochRecord(
+                epoch=epoch,
+                lr=lr,
+                seconds=time.perf_counter() - tic,
+                train=train,
+                val=val,
+                test=test,
+                comm_floats_per_step=run.comm_floats_per_step(),
+            )
+        if record is None or not record.is_finite():
+            result.status, result.diverged_epoch = "diverged", epoch
             break
-        results["history"].append(entry)
-        results["epochs_completed"] = epoch
-        results["final_test_error"] = entry["test_error"]
+        result.history.append(record)
+        result.epochs_completed = epoch
+        result.final_test_error = record.test.error
         if improved:
-            results.update(best_epoch=epoch, best_val_error=val["error"], test_error=test["error"])
+            result.best_epoch, result.val_error, result.test_error = (
+                epoch,
+                val["error"],
+                test["error"],
+            )
             best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}
-            best_logits["val"] = _logits(val_eta, splits.val, epoch, "val", family)
+            if run.is_main:
+                best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}
+                best_logits["val"] = _logits(val_eta, splits.val, epoch, "val", family)
         if epoch == config.epochs:
-            results["status"] = "finished"
-        bar.set_postfix(val_error=f"{val['error']:.4f}", best_epoch=results["best_epoch"])
-        if out is not None:
-            if results["status"] == "finished":
-                _write_logits(out, results, best_logits, recompute)
-            _write_state(out, results, model, optimizer, scheduler, generator, best_model)
+            result.status = "finished"
+        bar.set_postfix(val_error=f"{val['error']:.4f}", best_epoch=result.best_epoch)
+        write(logits=result.status == "finished")
         try:
-            _run_callbacks(callbacks, epoch, entry, results, out)
+            for callback in callbacks:
+                callback(result, out)
         except StopTraining:
-            if results["status"] != "finished":
-                results["status"] = "stopped"
+            if result.status != "finished":
+                result.status = "stopped"
             break
     bar.close()
-    if out is not None and results["status"] in ("diverged", "stopped"):
-        _write_logits(out, results, best_logits, recompute)
-        _write_state(out, results, model, optimizer, scheduler, generator, best_model)
-    return results
+    if result.status in ("diverged", "stopped"):
+        write(logits=True)
+    if result.status == "diverged":
+        for callback in callbacks:
+            callback(result, out)
+    return result
 
 
 def _train_epoch(
-    model: EnsembleModel,
-    loader: DeviceLoader,
-    optimizer: torch.optim.Optimizer,
-    family: str,
-    lam: float,
-    bar: tqdm,
+    run: Strategy, loader: DeviceLoader, optimizer: torch.optim.Optimizer, bar: tqdm
 ) -> dict[str, Any]:
     """One pass of SGD over ``loader``; the metrics come from the same forward passes."""
-    model.train()
-    metrics = EpochMetrics(family, lam)
+    run.net.train()
+    run.start_epoch()
     for x, y in loader:
-        eta = model(x)  # (M, B, K)
-        loss = modular_loss(eta, y, lam, family=family)
+        loss = run.step_loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        metrics.update(eta.detach(), y)
         bar.update()
-    return metrics.compute()
+    return run.train_metrics()
 
 
-def initial_results(config: TrainConfig, model: EnsembleModel) -> dict[str, Any]:
-    """The results dict of a run before its first epoch (see :func:`fit` for the keys)."""
-    return {
-        "status": "running",
-        "best_epoch": None,
-        "best_val_error": None,
-        "test_error": None,
-        "final_test_error": None,
-        "diverged_epoch": None,
-        "epochs_completed": 0,
-        "params": sum(p.numel() for p in model.parameters()),
-        "model_config": model.config,
-        "config": config.model_dump(),
-        "history": [],
-    }
-
-
-def _is_complete(results: dict[str, Any], config: TrainConfig) -> bool:
-    if results["status"] == "diverged":
-        return True
-    return results["status"] == "finished" and results["epochs_completed"] >= config.epochs
-
-
-def _prefixed(split: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {f"{split}_{key}": value for key, value in metrics.items()}
-
-
-def _finite(entry: dict[str, Any]) -> bool:
-    values = [
-        v for value in entry.values() for v in (value if isinstance(value, list) else [value])
-    ]
-    return all(math.isfinite(v) for v in values)
-
-
-def _run_callbacks(
-    callbacks: Iterable[Callback],
-    epoch: int,
-    entry: dict[str, Any],
-    results: dict[str, Any],
-    out: Path | None,
-) -> None:
-    metrics = {k: v for k, v in entry.items() if not isinstance(v, list)}
-    metrics.update(
-        best_epoch=results["best_epoch"],
-        best_val_error=results["best_val_error"],
-        best_test_error=results["test_error"],
+def initial_results(config: TrainConfig, model: EnsembleModel, run: Strategy) -> RunResult:
+    """The result of a run of ``config`` before its first epoch, trained with ``run``."""
+    return RunResult(
+        status="running",
+        best_epoch=None,
+        val_error=None,
+        test_error=None,
+        final_test_error=None,
+        diverged_epoch=None,
+        epochs_completed=0,
+        params=sum(p.numel() for p in model.parameters()),
+        model_args=model.config,
+        config=config.model_dump(),
+        strategy=run.name,
+        world_size=run.world,
     )
-    for callback in callbacks:
-        callback(epoch, metrics, out)
+
+
+def _finite(metrics: dict[str, Any]) -> bool:
+    values = [
+        v for value in metrics.values() for v in (value if isinstance(value, list) else [value])
+    ]
+    return all(math.isfinite(v) for v in values if v is not None)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -489,20 +481,29 @@ def _logits(eta: Tensor, pair: Any, epoch: int, split: str, family: str) -> dict
 
 def _write_logits(
     out: Path,
-    results: dict[str, Any],
+    result: RunResult,
     kept: dict[str, dict[str, Any]],
     recompute: Callable[[], dict[str, dict[str, Any]]],
+    run: Strategy,
 ) -> None:
-    """Write the best epoch's logits unless ``out`` already holds them (a resumed run)."""
-    epoch = results["best_epoch"]
+    """Write the best epoch's logits unless ``out`` already holds them (a resumed run).
+
+    Every process takes part in a recomputation (it gathers the members' outputs); rank 0
+    writes the files."""
+    epoch = result.best_epoch
     if epoch is None:  # diverged in its first epoch: nothing to save
         return
     files = {"test": out / TEST_LOGITS_FILE, "val": out / VAL_LOGITS_FILE}
-    if not kept and all(_saved_epoch(path) == epoch for path in files.values()):
-        return
-    logits = kept or recompute()
-    for split, path in files.items():
-        _atomic_save(logits[split], path)
+    need = None
+    if run.is_main:  # rank 0 decides: only its folder is sure to hold the run's logits
+        saved = all(_saved_epoch(path) == epoch for path in files.values())
+        need = "write" if kept else "nothing" if saved else "recompute"
+    need = run.agree(need)[0]
+    if need == "recompute":
+        kept = recompute()
+    if need != "nothing" and run.is_main:
+        for split, path in files.items():
+            _atomic_save(kept[split], path)
 
 
 def _saved_epoch(path: Path) -> int | None:
@@ -517,9 +518,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(obj: Any, path: Path) -> None:
+def _atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, allow_nan=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -532,38 +533,48 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["loader"])
+    generator.set_state(state["loader"].to(generator.get_state().device))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _write_state(
     out: Path,
-    results: dict[str, Any],
+    result: RunResult,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
     best_model: dict[str, torch.Tensor] | None,
+    run: Strategy,
 ) -> None:
-    checkpoint = {
-        "results": results,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(generator),
-        "best_model": best_model,
-    }
-    _atomic_save(checkpoint, out / CHECKPOINT_FILE)
-    _atomic_write_json(results, out / RESULTS_FILE)
+    """This process's checkpoint, then (rank 0) results.json; a barrier keeps the ranks'
+    checkpoints of one folder at the same epoch."""
+    if run.writes_checkpoint:
+        checkpoint = {
+            "results": result.model_dump(mode="json"),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(generator),
+            "best_model": best_model,
+        }
+        _atomic_save(checkpoint, out / run.checkpoint_file)
+    run.barrier()
+    if run.is_main:
+        _atomic_write_text(result.to_json(), out / RESULTS_FILE)
 
 
-def _load_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
-    path = out / CHECKPOINT_FILE
-    if not path.is_file():
+def _load_checkpoint(out: Path, config: TrainConfig, run: Strategy) -> dict[str, Any] | None:
+    path = out / run.checkpoint_file
+    found = path.is_file()
+    if not all(run.agree(found)):
+        if any(run.agree(found)):
+            raise ValueError(f"{out}: some ranks have their checkpoint and others not")
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    stored, current = saved["results"]["config"], config.model_dump()
+    saved["result"] = RunResult.model_validate(saved.pop("results"))
+    stored, current = saved["result"].config, config.model_dump()
     for key in sorted(set(stored) | set(current)):
         if key not in _RESUMABLE_KEYS and stored.get(key) != current.get(key):
             raise ValueError(
@@ -571,4 +582,12 @@ def _load_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
                 f"use another out_dir (only {', '.join(sorted(_RESUMABLE_KEYS))} may change "
                 "on resume)"
             )
+    if run.name == "module" and saved["result"].world_size != run.world:
+        raise ValueError(
+            f"{out} holds {saved['result'].world_size} member shards; resume it with "
+            f"{saved['result'].world_size} processes, not {run.world}"
+        )
+    epochs = run.agree(saved["result"].epochs_completed)
+    if len(set(epochs)) > 1:
+        raise ValueError(f"{out}: the ranks' checkpoints are at different epochs {epochs}")
     return saved

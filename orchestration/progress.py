@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from modloss.names import curve
 from orchestration.tracking import error_text, trial_status
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class ProgressPrinter(Callback):
         self._last[trial.trial_id] = now
         shown = " ".join(
             f"{k} {_fmt(result[k])}"
-            for k in ("train_loss", "val_error", "best_val_error")
+            for k in (curve("train_loss"), curve("val_error"), "val_error")
             if k in result
         )
         self._print(trials, f"epoch    {trial} {epoch}/{epochs} {shown}")
@@ -76,7 +77,7 @@ class ProgressPrinter(Callback):
         status = trial_status("TERMINATED", last, trial.config["train"]["epochs"])
         shown = " ".join(
             f"{k} {_fmt(last[k])}"
-            for k in ("best_epoch", "best_val_error", "best_test_error")
+            for k in ("best_epoch", "val_error", "test_error")
             if last.get(k) is not None
         )
         self._print(trials, f"{status:<8} {trial} {shown}")

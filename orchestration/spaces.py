@@ -41,24 +41,6 @@ __all__ = [
     "load_space",
 ]
 
-METRIC = "val_error"  # model selection only ever sees validation
-MODE = "min"
-
-
-def trial_summary(results: dict) -> dict:
-    """A trial's closing Tune report, from ``fit``'s (or a Train run's) results dict."""
-    return {
-        "summary": True,
-        "status": results["status"],
-        "epoch": results["epochs_completed"],
-        "best_epoch": results["best_epoch"],
-        "best_val_error": results["best_val_error"],
-        "best_test_error": results["test_error"],
-        "final_test_error": results["final_test_error"],
-        # Searchers read the objective from the last report; a diverged run has none.
-        METRIC: results["best_val_error"] if results["status"] == "finished" else math.nan,
-    }
-
 
 def _not_bool(v: Any) -> Any:
     if isinstance(v, bool):

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modloss.names import RESULTS_CSV, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SUMMARY_METRICS
+from orchestration.reports import METRIC, MODE, epoch_report, summary_report
 from orchestration.spaces import (
-    METRIC,
-    MODE,
     Asha,
     GridSearch,
     LrTable,
@@ -30,7 +30,6 @@ from orchestration.spaces import (
     SearchSpace,
     SpaceError,
     load_space,
-    trial_summary,
 )
 from orchestration.tracking import (
     DEFAULT_TRACKING_URI,
@@ -54,20 +53,9 @@ __all__ = [
 ]
 
 DEFAULT_STORAGE = "ray_results"
-RESULTS_CSV = "results.csv"
-TABLE_COLUMNS = [
-    "model",
-    "lam",
-    "trial",
-    "lr",
-    "status",
-    "epochs",
-    "best_epoch",
-    "val_error",
-    "test_error",
-    "final_test_error",
-    "trial_id",
-]
+# results.csv: a trial's coordinates and status, then its summary metrics, named as in
+# results.json (modloss.records.RunResult) and in MLflow.
+TABLE_COLUMNS = ["model", "lam", "trial", "lr", "status", *SUMMARY_METRICS, "trial_id"]
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -78,6 +66,7 @@ def train_trial(config: dict[str, Any]) -> None:
     """
     from ray import tune
 
+    from modloss.records import RunResult
     from modloss.train import TrainConfig, fit
     from orchestration.storage import linked_checkpoint
 
@@ -98,20 +87,22 @@ def train_trial(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             checkpoint.to_directory(str(out_dir))
 
-        def report(epoch: int, metrics: dict[str, float], out: Path | None) -> None:
-            if epoch == train.epochs:
+        def report(result: RunResult, out: Path | None) -> None:
+            if result.status == "diverged":
+                return  # its folder is analysed and reported below
+            if result.status == "finished":
                 # Finished: fit has written the best epoch's logits. The analyses go in this
                 # report's checkpoint, since a scheduler may end the trial right here (ASHA
                 # stops every trial that reaches max_t, before the summary).
                 _analysis_artifacts(out, train)
-            tune.report({**metrics, "status": "running"}, checkpoint=linked_checkpoint(out))
+            tune.report(epoch_report(result), checkpoint=linked_checkpoint(out))
 
-        results = fit(train, [report], out_dir=out_dir)
+        result = fit(train, [report], out_dir=out_dir)
         final = None  # a finished run's folder is checkpointed already, analyses included
-        if results["status"] != "finished":  # diverged: analyse what it saved
+        if result.status != "finished":  # diverged: analyse what it saved
             _analysis_artifacts(out_dir, train)
             final = linked_checkpoint(out_dir)
-        tune.report(trial_summary(results), checkpoint=final)
+        tune.report(summary_report(result), checkpoint=final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -132,9 +123,9 @@ def _analysis_artifacts(out_dir: Path, train: Any) -> None:
     if logits.family != "categorical" or logits.eta.shape[0] < 2:
         return
     frame = robustness(logits.eta, logits.target)
-    frame.to_csv(out_dir / "robustness.csv", index=False)
+    frame.to_csv(out_dir / ROBUSTNESS_CSV, index=False)
     title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
-    plot_robustness({f"λ={train.lam:g}": frame}, out_dir / "robustness.png", title=title)
+    plot_robustness({f"λ={train.lam:g}": frame}, out_dir / ROBUSTNESS_PNG, title=title)
 
 
 def _trial_name(trial: Trial) -> str:
@@ -244,12 +235,7 @@ def results_table(trials: list[Trial]) -> pd.DataFrame:
                 "trial": cfg["trial"],
                 "lr": cfg["lr"] if cfg["lr"] is not None else _paper_lr(cfg),
                 "status": trial_status(trial.status, last, cfg["epochs"]),
-                "epochs": last.get("epoch"),
-                "best_epoch": last.get("best_epoch"),
-                "val_error": last.get("best_val_error"),
-                "test_error": last.get("best_test_error"),
-                # An epoch's report (the trial stopped early) has that epoch's test error.
-                "final_test_error": last.get("final_test_error", last.get("test_error")),
+                **{name: last.get(name) for name in SUMMARY_METRICS},
                 "trial_id": trial.trial_id,
             }
         )

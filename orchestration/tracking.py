@@ -27,6 +27,16 @@ from urllib.parse import urlparse
 
 from ray.tune import Callback
 
+from modloss.names import (
+    CONFUSION_CSV,
+    CURVE_PREFIX,
+    MEMBER_ENTROPY_CSV,
+    SPECIALISTS_CSV,
+    SUMMARY_METRICS,
+    TRIAL_ARTIFACTS,
+    curve,
+)
+
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
@@ -51,8 +61,6 @@ RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
 # Files of a trial's last checkpoint that become artifacts of its child run. The best
 # epoch's saved logits are too large to keep: the trial summarises them into the robustness
 # curve and the analysis_tables CSVs that `modloss report` reads (Fig. 4, 5, 10, Table 6).
-ANALYSIS_TABLES = ("member_entropy.csv", "confusion.csv", "specialists.csv")
-TRIAL_ARTIFACTS = ("results.json", "robustness.png", "robustness.csv", *ANALYSIS_TABLES)
 # A trial's outcome -> the MLflow status of its run.
 _RUN_STATUS = {
     "finished": "FINISHED",
@@ -87,8 +95,8 @@ def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
     counts = confusion_matrices(test.eta, test.target)  # (M, K, K)
     member, true, predicted = counts.nonzero(as_tuple=True)
     tables = {
-        "member_entropy.csv": pd.DataFrame({"member": range(m), "entropy": entropy.tolist()}),
-        "confusion.csv": pd.DataFrame(
+        MEMBER_ENTROPY_CSV: pd.DataFrame({"member": range(m), "entropy": entropy.tolist()}),
+        CONFUSION_CSV: pd.DataFrame(
             {
                 "member": member.tolist(),
                 "true": true.tolist(),
@@ -100,7 +108,7 @@ def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
     if m > 1:
         size = min(SUBSET_SIZE, max(1, m // 2))  # as `modloss analyze specialists`
         frame = specialists(val.eta, val.target, test.eta, test.target, subset_size=size)
-        tables["specialists.csv"] = frame.reset_index().assign(subset_size=size)
+        tables[SPECIALISTS_CSV] = frame.reset_index().assign(subset_size=size)
     return tables
 
 
@@ -159,13 +167,11 @@ def error_text(trial: Trial) -> str:
 
 
 def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The per-epoch metrics of ``modloss.train.fit`` in a Tune result (not Ray's own keys)."""
+    """The per-epoch curves (``epoch/...``) of a Tune report of modloss."""
     return {
         k: float(v)
         for k, v in result.items()
-        if (k.startswith(("train_", "val_", "test_")) or k in ("lr", "epoch_seconds"))
-        and isinstance(v, int | float)
-        and not isinstance(v, bool)
+        if k.startswith(CURVE_PREFIX) and isinstance(v, int | float) and not isinstance(v, bool)
     }
 
 
@@ -315,7 +321,7 @@ class TrialLogger(Callback):
             starts = int(run.data.tags.get("starts", "1")) + 1
             self.client.set_tag(run_id, "starts", str(starts))
             self.client.set_tag(run_id, "status", "running")
-            history = self.client.get_metric_history(run_id, "val_error")
+            history = self.client.get_metric_history(run_id, curve("val_error"))
             self._last_step[trial.trial_id] = max((m.step for m in history), default=0)
         self._runs[trial.trial_id] = run_id
 
@@ -343,7 +349,7 @@ class TrialLogger(Callback):
         now = int(time.time() * 1000)
         summary = {
             k: float(last[k])
-            for k in ("best_epoch", "best_val_error", "best_test_error", "final_test_error")
+            for k in SUMMARY_METRICS
             if isinstance(last.get(k), int | float) and math.isfinite(last[k])
         }
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
@@ -375,14 +381,17 @@ class TrialLogger(Callback):
     def _create(self, trial: Trial, config: Mapping[str, Any]) -> str:
         from mlflow.entities import Param
 
+        from modloss.train import TrainConfig, build_model
         from orchestration.spaces import train_config
 
         config = train_config(config)
+        members = build_model(TrainConfig.model_validate({**config, "device": "cpu"})).num_members
         tags = {
             "mlflow.parentRunId": self.record.parent_run_id,
             "sweep_id": self.record.sweep_id,
             "trial_id": trial.trial_id,
             "model": config["model"],
+            "num_members": str(members),
             "lam": repr(config["lam"]),
             "trial": str(config["trial"]),
             "lr": repr(config["lr"]),

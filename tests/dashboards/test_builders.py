@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dashboards.data import SweepData, first_trials, num_members
+from dashboards.data import SweepData, first_trials
 from dashboards.figures import (
     FIGURES,
     fig2_test_error,
@@ -56,10 +56,11 @@ def synthetic_sweep(drop: set[tuple[str, float]] = frozenset()) -> SweepData:
                     {
                         "run_id": f"{model}-{lam}-{trial}",
                         **key,
+                        "num_members": m,
                         "status": "running" if running else "finished",
                         "best_epoch": math.nan if running else 3,
-                        "best_val_error": math.nan if running else err,
-                        "best_test_error": math.nan if running else err,
+                        "val_error": math.nan if running else err,
+                        "test_error": math.nan if running else err,
                         "final_test_error": math.nan if running else err + 0.01,
                     }
                 )
@@ -229,10 +230,16 @@ def test_table6_entropy_stats_over_members_of_one_trial(full):
 
 
 def test_focus_model_prefers_the_papers_then_the_largest():
-    assert focus_model(["DN-64-6-16", "DN-100-12-4"]) == "DN-64-6-16"
-    assert focus_model(["16-M-64-H", "64-M-16-H"]) == "64-M-16-H"
-    assert focus_model([]) is None
-    assert [num_members(m) for m in ("256-M-4-H", "CNN-10", "DN-82-8-8", "mlp")] == [256, 10, 8, 1]
+    # Member counts come from the runs' logged model configuration, not from the names:
+    # "mlp" has 128 members here, so it is the largest ensemble.
+    sizes = {"DN-64-6-16": 16, "DN-100-12-4": 4, "16-M-64-H": 16, "64-M-16-H": 64, "mlp": 128}
+    runs = pd.DataFrame({"model": list(sizes), "num_members": list(sizes.values())})
+    data = SweepData(experiment="sizes", runs=runs)
+    assert focus_model(data, ["DN-64-6-16", "DN-100-12-4"]) == "DN-64-6-16"
+    assert focus_model(data, ["16-M-64-H", "64-M-16-H"]) == "64-M-16-H"
+    assert focus_model(data, ["16-M-64-H", "mlp"]) == "mlp"
+    assert focus_model(data, []) is None
+    assert [data.members(m) for m in ("64-M-16-H", "mlp", "not-run")] == [64, 128, 1]
 
 
 def test_first_trials_keeps_the_lowest_trial_per_cell(full):

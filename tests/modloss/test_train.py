@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 import modloss.train
 from modloss.data import Splits, TensorPair
+from modloss.records import EpochRecord, RunResult
 from modloss.train import (
     StopTraining,
     TrainConfig,
@@ -35,14 +36,14 @@ def config(data_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run(config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def run(config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, Path]:
     """One uninterrupted run, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("run")
     return fit(config, out_dir=out), out
 
 
-def _without_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in entry.items() if k != "epoch_seconds"} for entry in history]
+def _without_timing(history: list[EpochRecord]) -> list[dict]:
+    return [entry.model_dump(exclude={"seconds"}) for entry in history]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -106,16 +107,19 @@ def test_every_lambda_of_a_trial_starts_from_the_same_weights() -> None:
 # --------------------------------------------------------------------------- a run
 
 
-def test_fit_reports_selection_on_validation_and_saves_logits(run: tuple[dict, Path]) -> None:
+def test_fit_reports_selection_on_validation_and_saves_logits(
+    run: tuple[RunResult, Path],
+) -> None:
     results, out = run
-    history = results["history"]
-    assert results["status"] == "finished" and results["epochs_completed"] == EPOCHS
-    assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
-    val_errors = [e["val_error"] for e in history]
-    assert results["best_epoch"] == 1 + val_errors.index(min(val_errors))
-    assert results["test_error"] == history[results["best_epoch"] - 1]["test_error"]
-    assert results["final_test_error"] == history[-1]["test_error"]
-    assert results["test_error"] < 0.5  # 16 small MLPs on 1000 images, 3 epochs
+    history = results.history
+    assert results.status == "finished" and results.epochs_completed == EPOCHS
+    assert [e.epoch for e in history] == list(range(1, EPOCHS + 1))
+    val_errors = [e.val.error for e in history]
+    assert results.best_epoch == 1 + val_errors.index(min(val_errors))
+    assert results.val_error == min(val_errors)
+    assert results.test_error == history[results.best_epoch - 1].test.error
+    assert results.final_test_error == history[-1].test.error
+    assert results.test_error < 0.5  # 16 small MLPs on 1000 images, 3 epochs
     for split in ("train", "val", "test"):
         for name in (
             "loss",
@@ -125,27 +129,27 @@ def test_fit_reports_selection_on_validation_and_saves_logits(run: tuple[dict, P
             "entropy_mean",
             "dominance_gap",
         ):
-            assert math.isfinite(history[-1][f"{split}_{name}"])
-        assert len(history[-1][f"{split}_member_errors"]) == 16
-    assert history[0]["train_loss"] > history[-1]["train_loss"]
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+            assert math.isfinite(getattr(getattr(history[-1], split), name))
+        assert len(getattr(history[-1], split).member_errors) == 16
+    assert history[0].train.loss > history[-1].train.loss
+    assert RunResult.read(out / "results.json") == results
 
     test = torch.load(out / "test_logits.pt", weights_only=True)
     val = torch.load(out / "val_logits.pt", weights_only=True)
     assert test["eta"].shape == (16, 1000, 10) and val["eta"].shape == (16, 1000, 10)
-    assert test["epoch"] == val["epoch"] == results["best_epoch"]
+    assert test["epoch"] == val["epoch"] == results.best_epoch
     saved_error = (test["eta"].mean(0).argmax(-1) != test["target"]).float().mean().item()
-    assert saved_error == pytest.approx(results["test_error"])
+    assert saved_error == pytest.approx(results.test_error)
 
 
 def test_resume_reproduces_an_uninterrupted_run(
-    run: tuple[dict, Path], config: dict, tmp_path: Path
+    run: tuple[RunResult, Path], config: dict, tmp_path: Path
 ) -> None:
     results, out = run
     fit({**config, "epochs": 2}, out_dir=tmp_path)
     resumed = fit(config, out_dir=tmp_path)
-    assert resumed["status"] == "finished"
-    assert _without_timing(resumed["history"]) == _without_timing(results["history"])
+    assert resumed.status == "finished" and resumed.resumed_from == [2]
+    assert _without_timing(resumed.history) == _without_timing(results.history)
     same = torch.load(out / "test_logits.pt", weights_only=True)["eta"]
     assert torch.equal(torch.load(tmp_path / "test_logits.pt", weights_only=True)["eta"], same)
 
@@ -155,10 +159,10 @@ def test_a_resumed_run_recomputes_best_logits_it_did_not_keep(config: dict, tmp_
     # stays the best, and a run cut after epoch 2 resumes past its best epoch.
     frozen = {**config, "milestones": [1], "gamma": 1e-30}
     whole = fit(frozen, out_dir=tmp_path / "whole")
-    assert whole["best_epoch"] == 1
+    assert whole.best_epoch == 1
 
-    def cut(epoch: int, metrics: dict, out: Path | None) -> None:
-        if epoch == 2:
+    def cut(result: RunResult, out: Path | None) -> None:
+        if result.epochs_completed == 2:
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
@@ -169,7 +173,7 @@ def test_a_resumed_run_recomputes_best_logits_it_did_not_keep(config: dict, tmp_
         "results.json",
     ]
     resumed = fit(frozen, out_dir=tmp_path / "cut")
-    assert resumed["best_epoch"] == 1 and resumed["status"] == "finished"
+    assert resumed.best_epoch == 1 and resumed.status == "finished"
     for name in ("test_logits.pt", "val_logits.pt"):
         expected = torch.load(tmp_path / "whole" / name, weights_only=True)
         got = torch.load(tmp_path / "cut" / name, weights_only=True)
@@ -177,7 +181,7 @@ def test_a_resumed_run_recomputes_best_logits_it_did_not_keep(config: dict, tmp_
 
 
 def test_a_finished_run_is_returned_without_training(
-    run: tuple[dict, Path], config: dict, monkeypatch: pytest.MonkeyPatch
+    run: tuple[RunResult, Path], config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     results, out = run
 
@@ -191,7 +195,7 @@ def test_a_finished_run_is_returned_without_training(
 
 
 def test_the_test_set_never_influences_selection(
-    run: tuple[dict, Path], config: dict, monkeypatch: pytest.MonkeyPatch
+    run: tuple[RunResult, Path], config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     results, _ = run
     real_load = modloss.train.load_splits
@@ -204,18 +208,18 @@ def test_the_test_set_never_influences_selection(
 
     monkeypatch.setattr(modloss.train, "load_splits", shuffled_test_labels)
     corrupted = fit(config)
-    assert corrupted["best_epoch"] == results["best_epoch"]
-    for clean, noisy in zip(results["history"], corrupted["history"], strict=True):
-        assert noisy["val_error"] == clean["val_error"]
-    assert corrupted["test_error"] > 0.8  # labels are noise: the test error says so...
-    assert results["test_error"] < 0.5  # ...but selection did not move
+    assert corrupted.best_epoch == results.best_epoch
+    for clean, noisy in zip(results.history, corrupted.history, strict=True):
+        assert noisy.val.error == clean.val.error
+    assert corrupted.test_error > 0.8  # labels are noise: the test error says so...
+    assert results.test_error < 0.5  # ...but selection did not move
 
 
 def test_divergence_ends_the_run_without_raising(config: dict, tmp_path: Path) -> None:
     results = fit({**config, "lr": 1e6}, out_dir=tmp_path)
-    assert results["status"] == "diverged"
-    assert 1 <= results["diverged_epoch"] <= EPOCHS
-    assert len(results["history"]) == results["diverged_epoch"] - 1
+    assert results.status == "diverged"
+    assert 1 <= results.diverged_epoch <= EPOCHS
+    assert len(results.history) == results.diverged_epoch - 1
 
     def reject(constant: str) -> None:
         raise ValueError(f"results.json holds {constant}")
@@ -226,44 +230,43 @@ def test_divergence_ends_the_run_without_raising(config: dict, tmp_path: Path) -
 
 
 def test_callbacks_see_each_checkpoint_and_can_stop_the_run(
-    run: tuple[dict, Path], config: dict, tmp_path: Path
+    run: tuple[RunResult, Path], config: dict, tmp_path: Path
 ) -> None:
-    seen: list[tuple[int, dict, Path | None]] = []
+    seen: list[tuple[int, int | None, Path | None]] = []
 
-    def record(epoch: int, metrics: dict[str, float], out_dir: Path | None) -> None:
-        on_disk = json.loads((out_dir / "results.json").read_text())
-        assert on_disk["epochs_completed"] == epoch  # written before the callback runs
-        seen.append((epoch, metrics, out_dir))
+    def record(result: RunResult, out_dir: Path | None) -> None:
+        epoch = result.history[-1].epoch
+        on_disk = RunResult.read(out_dir / "results.json")
+        assert on_disk == result and on_disk.epochs_completed == epoch  # written before
+        seen.append((epoch, result.best_epoch, out_dir))
         if epoch == 2:
             raise StopTraining
 
     stopped = fit(config, [record], out_dir=tmp_path)
-    assert stopped["status"] == "stopped" and stopped["epochs_completed"] == 2
+    assert stopped.status == "stopped" and stopped.epochs_completed == 2
     assert [s[0] for s in seen] == [1, 2] and seen[0][2] == tmp_path
-    metrics = seen[1][1]
-    assert metrics["best_test_error"] == stopped["test_error"]
-    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert seen[1][1] == stopped.best_epoch
 
-    def stop(epoch: int, metrics: dict[str, float], out_dir: Path | None) -> None:
+    def stop(result: RunResult, out_dir: Path | None) -> None:
         raise StopTraining
 
     # Continues from epoch 3; a stop at the last epoch leaves the run finished, not stopped.
     continued = fit(config, [stop], out_dir=tmp_path)
-    assert continued["status"] == "finished"
-    assert _without_timing(continued["history"]) == _without_timing(run[0]["history"])
+    assert continued.status == "finished"
+    assert _without_timing(continued.history) == _without_timing(run[0].history)
 
 
 @pytest.mark.parametrize(("dataset", "epochs"), [("diabetes", 15), ("poisson-glm", 3)])
 def test_regression_families_train_end_to_end(dataset: str, epochs: int) -> None:
     config = {"model": MODEL, "dataset": dataset, "lam": 0.5, "lr": 0.01, "epochs": epochs}
     results = fit({**config, "subset": 2000})
-    history = results["history"]
-    assert results["status"] == "finished"
-    assert results["model_config"]["in_features"] in (10, 20)
-    assert results["model_config"]["num_classes"] == 1
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert history[-1]["val_loss"] < history[0]["val_loss"]
-    assert "val_entropy_mean" not in history[-1]  # categorical only
+    history = results.history
+    assert results.status == "finished"
+    assert results.model_args["in_features"] in (10, 20)
+    assert results.model_args["num_classes"] == 1
+    assert history[-1].train.loss < history[0].train.loss
+    assert history[-1].val.loss < history[0].val.loss
+    assert history[-1].val.entropy_mean is None  # categorical only
     # error is the ensemble's RMSE, below that of predicting the mean (diabetes: std 1).
     if dataset == "diabetes":
-        assert history[-1]["val_error"] < 1.0
+        assert history[-1].val.error < 1.0

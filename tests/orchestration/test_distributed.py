@@ -19,11 +19,13 @@ import ray.train
 import torch
 from mlflow import MlflowClient
 
-from modloss.train import CHECKPOINT_FILE, TrainConfig, fit
+from modloss.names import CHECKPOINT_FILE, RESULTS_FILE, SHARD_CHECKPOINT_FILE
+from modloss.records import EpochRecord
+from modloss.strategies import load_model_state
+from modloss.train import TrainConfig, fit
 from orchestration.distributed import (
     DistributedConfig,
     fit_distributed,
-    load_model_state,
     load_results,
     make_trainer,
     run_name,
@@ -50,7 +52,7 @@ COMMON = {
 # polls them; poll often, and let a dying worker wait a few polls, so that "the last
 # checkpoint" is deterministically epoch 2's.
 POLL_S, DIE_AFTER_S = 0.25, 2.0
-COMPARED = ("train_loss", "train_member_nll", "val_loss", "test_loss", "val_error")
+COMPARED = ("train.loss", "train.member_nll", "val.loss", "test.loss", "val.error")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,12 +78,17 @@ def _config(model: dict, epochs: int, data_dir: Path) -> TrainConfig:
     return TrainConfig(**model, **COMMON, epochs=epochs, data_dir=str(data_dir))
 
 
-def _assert_history_matches_fit(history: list[dict], reference: list[dict]) -> None:
-    assert [e["epoch"] for e in history] == [e["epoch"] for e in reference]
+def _value(record: EpochRecord, key: str) -> float:
+    split, name = key.split(".")
+    return getattr(getattr(record, split), name)
+
+
+def _assert_history_matches_fit(history: list[EpochRecord], reference: list[EpochRecord]) -> None:
+    assert [e.epoch for e in history] == [e.epoch for e in reference]
     for got, want in zip(history, reference, strict=True):
         for key in COMPARED:
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-        assert got["train_member_errors"] == pytest.approx(want["train_member_errors"])
+            assert _value(got, key) == pytest.approx(_value(want, key), rel=1e-4, abs=1e-6), key
+        assert got.train.member_errors == pytest.approx(want.train.member_errors)
 
 
 def test_module_parallel_run_equals_fit_and_resumes_after_a_worker_dies(tmp_path, data_dir):
@@ -103,14 +110,14 @@ def test_module_parallel_run_equals_fit_and_resumes_after_a_worker_dies(tmp_path
     checkpoint = trainer.fit().checkpoint
     results = load_results(checkpoint)
     assert marker.exists()
-    assert results["status"] == "finished"
-    assert results["resumed_from"] == [2]
-    assert [e["epoch"] for e in results["history"]] == [1, 2, 3]
+    assert results.status == "finished" and results.strategy == "module"
+    assert results.resumed_from == [2]
+    assert [e.epoch for e in results.history] == [1, 2, 3]
 
     reference = fit(config, out_dir=tmp_path / "fit")
-    _assert_history_matches_fit(results["history"], reference["history"])
-    for key in ("best_epoch", "best_val_error", "test_error", "params"):
-        assert results[key] == reference[key]
+    _assert_history_matches_fit(results.history, reference.history)
+    for key in ("best_epoch", "val_error", "test_error", "params"):
+        assert getattr(results, key) == getattr(reference, key)
     fit_model = torch.load(tmp_path / "fit" / CHECKPOINT_FILE, weights_only=True)["model"]
     merged = load_model_state(checkpoint.path)
     # Exact in exact arithmetic; float32 sums in another order (grouped convolutions over 2
@@ -118,7 +125,7 @@ def test_module_parallel_run_equals_fit_and_resumes_after_a_worker_dies(tmp_path
     for name, tensor in fit_model.items():
         torch.testing.assert_close(merged[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
     # One all-reduce of the batch's B x K ensemble natural parameters per step.
-    assert {e["train_comm_floats_per_step"] for e in results["history"]} == {B * K}
+    assert {e.comm_floats_per_step for e in results.history} == {B * K}
 
 
 def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, data_dir):
@@ -141,11 +148,11 @@ def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, da
             config, spec, storage_path=tmp_path, name="ddp", worker_callbacks=[die_once]
         )
     results = fit_distributed(config, spec, storage_path=tmp_path, name="ddp")
-    assert results["status"] == "finished"
-    assert results["resumed_from"] == [1]
+    assert results.status == "finished" and results.strategy == "ddp"
+    assert results.resumed_from == [1]
     reference = fit(config)
-    _assert_history_matches_fit(results["history"], reference["history"])
-    assert {e["train_comm_floats_per_step"] for e in results["history"]} == {results["params"]}
+    _assert_history_matches_fit(results.history, reference.history)
+    assert {e.comm_floats_per_step for e in results.history} == {results.params}
 
 
 def test_sweep_runs_each_trial_of_a_distributed_space_on_ray_train(
@@ -168,21 +175,21 @@ def test_sweep_runs_each_trial_of_a_distributed_space_on_ray_train(
     outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path, out=io.StringIO())
     assert outcome.status == "FINISHED"
     [row] = outcome.table.itertuples()
-    assert (row.status, row.epochs) == ("finished", 2)
+    assert (row.status, row.epochs_completed) == ("finished", 2)
     run = tmp_path / "distributed-e2e" / "train_runs" / run_name(row.trial_id)
-    assert {p.name for p in (run / "epoch-0002").iterdir()} >= {
-        "results.json",
-        "state-rank0.pt",
-        "state-rank1.pt",
+    assert {p.name for p in (run / "epoch-0002-finished").iterdir()} >= {
+        RESULTS_FILE,
+        SHARD_CHECKPOINT_FILE.format(rank=0),
+        SHARD_CHECKPOINT_FILE.format(rank=1),
     }
     client = MlflowClient(mlflow_server)
     [child] = client.search_runs(
         [client.get_experiment_by_name("distributed-e2e").experiment_id],
         filter_string=f"tags.trial_id = '{row.trial_id}'",
     )
-    floats = client.get_metric_history(child.info.run_id, "train_comm_floats_per_step")
+    floats = client.get_metric_history(child.info.run_id, "epoch/comm_floats_per_step")
     assert sorted((m.step, m.value) for m in floats) == [(1, B * K), (2, B * K)]
-    assert child.data.metrics["best_test_error"] == pytest.approx(row.test_error)
+    assert child.data.metrics["test_error"] == pytest.approx(row.test_error)
     assert "results.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
 

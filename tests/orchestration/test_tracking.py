@@ -7,6 +7,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from modloss.names import SUMMARY_METRICS
+from modloss.records import EpochRecord, RunResult, SplitMetrics
+from orchestration.reports import epoch_report
 from orchestration.tracking import (
     SweepRecord,
     SweepTracker,
@@ -34,29 +37,48 @@ def test_trial_status(ray_status, last, expected):
     assert trial_status(ray_status, last, 3) == expected
 
 
-def test_epoch_metrics_keep_fit_metrics_only():
-    result = {
-        "epoch": 2,
-        "train_loss": 0.5,
-        "val_error": 0.1,
-        "test_member_error_max": 0.9,
-        "lr": 0.1,
-        "epoch_seconds": 1.5,
-        "best_val_error": 0.1,
-        "training_iteration": 2,
-        "time_this_iter_s": 1.6,
-        "pid": 123,
-        "status": "running",
-        "done": False,
-        "config": {"train": {}},
-    }
-    assert epoch_metrics(result) == {
-        "train_loss": 0.5,
-        "val_error": 0.1,
-        "test_member_error_max": 0.9,
-        "lr": 0.1,
-        "epoch_seconds": 1.5,
-    }
+def _split(error: float) -> SplitMetrics:
+    return SplitMetrics(
+        loss=0.5,
+        ensemble_nll=0.4,
+        member_nll=0.6,
+        ambiguity=0.2,
+        error=error,
+        member_error_min=error,
+        member_error_mean=error + 0.1,
+        member_error_max=0.9,
+        member_errors=[error, 0.9],
+        best_member=0,
+        dominance_gap=0.0,
+        members_near_chance=1,
+    )
+
+
+def test_epoch_metrics_are_the_latest_curves_of_a_tune_report():
+    """Per-epoch curves reach MLflow as ``epoch/...``; the summary metrics of the same
+    report (``val_error``: the best epoch's) and Ray's own keys do not."""
+    record = EpochRecord(
+        epoch=2, lr=0.1, seconds=1.5, train=_split(0.3), val=_split(0.2), test=_split(0.25)
+    )
+    result = RunResult(
+        status="running",
+        best_epoch=1,
+        val_error=0.1,
+        test_error=0.15,
+        final_test_error=0.25,
+        diverged_epoch=None,
+        epochs_completed=2,
+        params=10,
+        model_args={"num_members": 2},
+        config={},
+        history=[record],
+    )
+    report = {**epoch_report(result), "training_iteration": 2, "pid": 123, "done": False}
+    curves = epoch_metrics(report)
+    assert curves == record.curves()
+    assert curves["epoch/val_error"] == 0.2 and report["val_error"] == 0.1
+    assert curves["epoch/test_member_error_max"] == 0.9 and curves["epoch/lr"] == 0.1
+    assert not set(curves) & {*SUMMARY_METRICS, "training_iteration", "pid", "epoch"}
 
 
 def test_local_store_checks(tmp_path):

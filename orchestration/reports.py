@@ -1,0 +1,38 @@
+"""A trial's Tune reports, derived from its :class:`modloss.records.RunResult` without
+renaming: the run's summary metrics (:data:`modloss.names.SUMMARY_METRICS`, so
+``val_error`` and ``test_error`` are the values at the best-validation epoch so far) and
+the latest epoch's point of every per-epoch curve (``epoch/...``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from modloss.names import SUMMARY_METRICS
+from modloss.records import RunResult
+
+__all__ = ["METRIC", "MODE", "epoch_report", "summary_report"]
+
+METRIC = "val_error"  # model selection only ever sees validation
+MODE = "min"
+
+
+def epoch_report(result: RunResult) -> dict[str, Any]:
+    """The report after each epoch: ``epoch``, ``status``, the summary so far (NaN where
+    there is no value yet) and the curves' latest points."""
+    report: dict[str, Any] = {"epoch": result.epochs_completed, "status": result.status}
+    for name in SUMMARY_METRICS:
+        value = getattr(result, name)
+        report[name] = math.nan if value is None else value
+    if result.history:
+        report.update(result.history[-1].curves())
+    return report
+
+
+def summary_report(result: RunResult) -> dict[str, Any]:
+    """The trial's closing report (``summary: True``). Searchers read the objective from
+    the last report, so a run that did not finish has none (NaN)."""
+    report = {**epoch_report(result), "summary": True}
+    if result.status != "finished":
+        report[METRIC] = math.nan
+    return report
