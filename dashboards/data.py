@@ -25,10 +25,14 @@ import pandas as pd
 from modloss.names import (
     CONFUSION_CSV,
     MEMBER_ENTROPY_CSV,
+    NUM_MEMBERS_TAG,
+    PARENT_TAG,
     ROBUSTNESS_CSV,
+    ROLE_TAG,
     SPECIALISTS_CSV,
     SUMMARY_METRICS,
-    TAGS,
+    SWEEP_ID_TAG,
+    SWEEP_ROLE,
     curve,
 )
 
@@ -162,7 +166,7 @@ def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
     import mlflow
 
     # Without a parent (runs logged by hand), every run that has the trial tags counts.
-    query = "" if parent_run_id is None else f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    query = "" if parent_run_id is None else f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     frame = mlflow.search_runs([experiment_id], filter_string=query)
     frame = frame[_column(frame, "tags.model").notna() & _column(frame, "tags.lam").notna()]
     runs = pd.DataFrame(
@@ -170,7 +174,7 @@ def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
             "run_id": _column(frame, "run_id"),
             "model": _column(frame, "tags.model"),
             "num_members": pd.to_numeric(
-                _column(frame, f"tags.{TAGS['num_members']}"), errors="coerce"
+                _column(frame, f"tags.{NUM_MEMBERS_TAG}"), errors="coerce"
             ),
             "lam": pd.to_numeric(_column(frame, "tags.lam"), errors="coerce"),
             "trial": pd.to_numeric(_column(frame, "tags.trial"), errors="coerce"),
@@ -186,9 +190,9 @@ def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
 def _parent_run(experiment_id: str, sweep_id: str | None) -> pd.Series | None:
     import mlflow
 
-    query = "tags.`modloss.role` = 'sweep'"
+    query = f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'"
     if sweep_id is not None:
-        query += f" and tags.sweep_id = '{sweep_id}'"
+        query += f" and tags.{SWEEP_ID_TAG} = '{sweep_id}'"
     parents = mlflow.search_runs([experiment_id], filter_string=query, order_by=["start_time DESC"])
     if parents.empty:
         if sweep_id is not None:
@@ -281,7 +285,7 @@ def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = Non
         experiment=experiment,
         experiment_id=exp.experiment_id,
         tracking_uri=tracking_uri,
-        sweep_id=None if parent is None else parent.get("tags.sweep_id"),
+        sweep_id=None if parent is None else parent.get(f"tags.{SWEEP_ID_TAG}"),
         parent_run_id=parent_id,
         runs=runs,
     )

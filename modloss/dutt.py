@@ -16,7 +16,7 @@ For M members with logits ``eta_j`` and target class ``y`` (the paper's appendix
 import torch.nn.functional as F
 from torch import Tensor
 
-from modloss.losses import REDUCTIONS, _check_choice, _check_eta, _check_target, _reduce
+from modloss.losses import REDUCTIONS, check_choice, check_eta, check_target, reduce_loss
 
 __all__ = ["COUPLED_METHODS", "coupled_loss"]
 
@@ -35,14 +35,14 @@ def coupled_loss(eta: Tensor, target: Tensor, method: str, *, reduction: str = "
     Returns:
         A scalar, or ``(N,)`` with ``reduction="none"``.
     """
-    method = _check_choice("method", method, COUPLED_METHODS)
-    reduction = _check_choice("reduction", reduction, REDUCTIONS)
-    eta = _check_eta(eta)
-    target = _check_target(eta, target, "categorical")
+    method = check_choice("method", method, COUPLED_METHODS)
+    reduction = check_choice("reduction", reduction, REDUCTIONS)
+    eta = check_eta(eta)
+    target = check_target(eta, target, "categorical")
     m, n, k = eta.shape
     if method == "FC":
         return F.cross_entropy(eta.mean(0), target, reduction=reduction)
     if method == "SM":
         return F.nll_loss(F.log_softmax(eta, dim=-1).mean(0), target, reduction=reduction)
     per_member = F.cross_entropy(eta.reshape(m * n, k), target.repeat(m), reduction="none")
-    return _reduce(per_member.view(m, n).mean(0), reduction)
+    return reduce_loss(per_member.view(m, n).mean(0), reduction)

@@ -41,10 +41,14 @@ __all__ = [
     "REDUCTIONS",
     "LossParts",
     "ModularLoss",
+    "check_choice",
+    "check_eta",
+    "check_target",
     "combine",
     "member_nll",
     "modular_loss",
     "predict",
+    "reduce_loss",
 ]
 
 FAMILIES = ("categorical", "gaussian", "poisson")
@@ -70,9 +74,10 @@ class LossParts(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
+# Public for the other losses of this package (modloss.dutt): the same checks, same messages.
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
@@ -106,7 +111,7 @@ def _check_lam(lam: object) -> float:
     return value
 
 
-def _check_eta(eta: object) -> Tensor:
+def check_eta(eta: object) -> Tensor:
     if not isinstance(eta, Tensor):
         raise ValueError(f"eta must be a tensor of shape (M, N, K), got {type(eta).__name__}")
     if eta.ndim != 3:
@@ -123,7 +128,7 @@ def _check_eta(eta: object) -> Tensor:
     return eta
 
 
-def _check_target(eta: Tensor, target: object, family: str) -> Tensor:
+def check_target(eta: Tensor, target: object, family: str) -> Tensor:
     """The target in the shape the family's code reads: ``(N,)`` int64 class indices for
     categorical, ``(N, K)`` values of ``eta``'s dtype otherwise."""
     if not isinstance(target, Tensor):
@@ -168,7 +173,7 @@ def _check_target(eta: Tensor, target: object, family: str) -> Tensor:
 # --------------------------------------------------------------------------- per example
 
 
-def _reduce(x: Tensor, reduction: str) -> Tensor:
+def reduce_loss(x: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return x.mean()
     if reduction == "sum":
@@ -210,7 +215,7 @@ class _CategoricalModularLoss(torch.autograd.Function):
         log_partition = total.log().add_(shift)  # A(eta_j) for j < M, then A(eta_bar)
         ensemble = log_partition[m] - target_logit
         ambiguity = log_partition[:m].mean(0).sub_(log_partition[m])
-        loss = _reduce(torch.add(ensemble, ambiguity, alpha=1.0 - lam), reduction)
+        loss = reduce_loss(torch.add(ensemble, ambiguity, alpha=1.0 - lam), reduction)
         ctx.save_for_backward(z, total, target)
         ctx.lam, ctx.reduction, ctx.dtype = lam, reduction, eta.dtype
         ensemble, ambiguity = ensemble.to(eta.dtype), ambiguity.to(eta.dtype)
@@ -266,7 +271,7 @@ def combine(eta: Tensor) -> Tensor:
     """Ensemble natural parameter ``eta_bar = (1/M) sum_j eta_j`` (Eq. 3): ``(M, N, K) ->
     (N, K)``. The ensemble distribution is ``q(y | eta_bar)``, the normalised geometric mean
     of the members' distributions (Eq. 2)."""
-    return _check_eta(eta).mean(0)
+    return check_eta(eta).mean(0)
 
 
 def predict(eta: Tensor, family: str = "categorical") -> Tensor:
@@ -275,7 +280,7 @@ def predict(eta: Tensor, family: str = "categorical") -> Tensor:
     Softmax of the mean logits (categorical), the mean of the member means (gaussian), or
     the exponential of the mean log-rate, i.e. the geometric mean of the rates (poisson).
     """
-    family = _check_choice("family", family, FAMILIES)
+    family = check_choice("family", family, FAMILIES)
     eta_bar = combine(eta)
     if family == "categorical":
         return eta_bar.softmax(-1)
@@ -294,9 +299,9 @@ def member_nll(eta: Tensor, target: Tensor, family: str = "categorical") -> Tens
             when ``K == 1`` (gaussian, poisson).
         family: ``"categorical"``, ``"gaussian"`` or ``"poisson"``.
     """
-    family = _check_choice("family", family, FAMILIES)
-    eta = _check_eta(eta)
-    target = _check_target(eta, target, family)
+    family = check_choice("family", family, FAMILIES)
+    eta = check_eta(eta)
+    target = check_target(eta, target, family)
     m, n, _ = eta.shape
     if family == "categorical":
         # logsumexp over a leading class dimension: see _CategoricalModularLoss.forward
@@ -398,14 +403,14 @@ def modular_loss(
         True
     """
     lam = _check_lam(lam)
-    family = _check_choice("family", family, FAMILIES)
-    reduction = _check_choice("reduction", reduction, REDUCTIONS)
-    eta = _check_eta(eta)
-    target = _check_target(eta, target, family)
+    family = check_choice("family", family, FAMILIES)
+    reduction = check_choice("reduction", reduction, REDUCTIONS)
+    eta = check_eta(eta)
+    target = check_target(eta, target, family)
     if family == "categorical" and eta.shape[0] == 1:
         # A lone member is its own ensemble, with no ambiguity: one fused cross_entropy.
         ensemble = F.cross_entropy(eta[0], target, reduction="none")
-        loss = _reduce(ensemble, reduction)
+        loss = reduce_loss(ensemble, reduction)
         ensemble = ensemble.detach()
         ambiguity = torch.zeros_like(ensemble)
     elif family == "categorical":
@@ -414,14 +419,14 @@ def modular_loss(
         parts = _gaussian_parts if family == "gaussian" else _poisson_parts
         ensemble, ambiguity = parts(eta, target)
         # members = ensemble + ambiguity, so L = members - lam * ambiguity (Eq. 6) is:
-        loss = _reduce(torch.add(ensemble, ambiguity, alpha=1.0 - lam), reduction)
+        loss = reduce_loss(torch.add(ensemble, ambiguity, alpha=1.0 - lam), reduction)
         ensemble, ambiguity = ensemble.detach(), ambiguity.detach()
     if not return_parts:
         return loss
     parts = LossParts(
-        ensemble=_reduce(ensemble, reduction),
-        members=_reduce(ensemble + ambiguity, reduction),
-        ambiguity=_reduce(ambiguity, reduction),
+        ensemble=reduce_loss(ensemble, reduction),
+        members=reduce_loss(ensemble + ambiguity, reduction),
+        ambiguity=reduce_loss(ambiguity, reduction),
     )
     return loss, parts
 
@@ -460,8 +465,8 @@ class ModularLoss(nn.Module):
     def __init__(self, lam: float, *, family: str = "categorical", reduction: str = "mean") -> None:
         super().__init__()
         self.lam = _check_lam(lam)
-        self.family = _check_choice("family", family, FAMILIES)
-        self.reduction = _check_choice("reduction", reduction, REDUCTIONS)
+        self.family = check_choice("family", family, FAMILIES)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
 
     def forward(self, eta: Tensor, target: Tensor) -> Tensor:
         return modular_loss(eta, target, self.lam, family=self.family, reduction=self.reduction)

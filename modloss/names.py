@@ -11,15 +11,20 @@ __all__ = [
     "CONFUSION_CSV",
     "CURVE_PREFIX",
     "MEMBER_ENTROPY_CSV",
+    "NUM_MEMBERS_TAG",
+    "PARENT_TAG",
     "RESULTS_CSV",
+    "ROLE_TAG",
     "RESULTS_FILE",
     "ROBUSTNESS_CSV",
     "ROBUSTNESS_PNG",
     "SHARD_CHECKPOINT_FILE",
     "SPECIALISTS_CSV",
+    "SWEEP_ID_TAG",
+    "SWEEP_ROLE",
     "SUMMARY_METRICS",
-    "TAGS",
     "TEST_LOGITS_FILE",
+    "TRIAL_ID_TAG",
     "TRIAL_ARTIFACTS",
     "VAL_LOGITS_FILE",
     "curve",
@@ -58,19 +63,11 @@ def curve(name: str) -> str:
     return f"{CURVE_PREFIX}{name}"
 
 
-# --- MLflow tags of a child run (one per trial) and of the sweep's parent run
-TAGS = {
-    "parent": "mlflow.parentRunId",
-    "role": "modloss.role",
-    "sweep_id": "sweep_id",
-    "trial_id": "trial_id",
-    "model": "model",
-    "num_members": "num_members",
-    "lam": "lam",
-    "trial": "trial",
-    "lr": "lr",
-    "status": "status",
-    "starts": "starts",
-    "failures": "failures",
-    "error": "error",
-}
+# --- MLflow tags. A child run (one per trial) also has the tags model, lam, trial, lr
+# (TrainConfig's field names) and status (RunResult's).
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+ROLE_TAG = "modloss.role"  # "sweep" on a sweep's parent run
+SWEEP_ROLE = "sweep"
+SWEEP_ID_TAG = "sweep_id"  # parent and children
+TRIAL_ID_TAG = "trial_id"  # a child's Ray Tune trial id
+NUM_MEMBERS_TAG = "num_members"  # a child's model_args["num_members"]

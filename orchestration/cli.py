@@ -78,13 +78,28 @@ def ui(
         str | None,
         typer.Option(help="The MLflow store to browse; default sqlite:///mlflow.db here."),
     ] = None,
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port on 127.0.0.1; default 5000.")
+    ] = None,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for a tracking store (default: this folder's)."""
-    from orchestration.tracking import DEFAULT_TRACKING_URI
+    """Start the MLflow UI on 127.0.0.1 for a tracking store (default: this folder's), and
+    print the runs table of each of its experiments."""
+    from mlflow import MlflowClient
 
+    from orchestration.tracking import DEFAULT_TRACKING_URI, UI_PORT, runs_url
+
+    port = port or UI_PORT
     tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
-    if tracking_uri.startswith(("http://", "https://")):
+    server = (
+        tracking_uri
+        if tracking_uri.startswith(("http://", "https://"))
+        else f"http://127.0.0.1:{port}"
+    )
+    experiments = MlflowClient(tracking_uri).search_experiments(max_results=1000)
+    for exp in sorted(experiments, key=lambda e: e.name):
+        if exp.name != "Default":  # MLflow's own, empty unless runs were logged by hand
+            typer.echo(f"{exp.name}: runs table at {runs_url(server, exp.experiment_id)}")
+    if server == tracking_uri:
         typer.echo(f"{tracking_uri} is already an MLflow server: open it in a browser")
         return
     beside = Path(sys.executable).with_name("mlflow")  # this environment's mlflow first
@@ -93,7 +108,7 @@ def ui(
         mlflow, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
-    typer.echo(f"MLflow UI for {tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    typer.echo(f"MLflow UI for {tracking_uri} at {server} (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execv(mlflow, command)  # the UI takes this process's place (and its signals)
 

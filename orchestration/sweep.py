@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modloss.names import RESULTS_CSV, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SUMMARY_METRICS
+from orchestration.compat import shutdown_own_ray
 from orchestration.reports import METRIC, MODE, epoch_report, summary_report
 from orchestration.spaces import (
     Asha,
@@ -37,6 +38,7 @@ from orchestration.tracking import (
     analysis_tables,
     check_tracking_uri,
     trial_status,
+    ui_hint,
 )
 
 if TYPE_CHECKING:
@@ -341,25 +343,10 @@ def run_sweep(
             tracker.finish(record, table, csv if table is not None else None, status)
     finally:
         if own_ray:
-            _shutdown_ray()
+            shutdown_own_ray()
     _print_table(table, csv, out, _num_trials(space))
+    print(f"MLflow: {ui_hint(record)}", file=out)
     return SweepOutcome(table, csv, record, status)
-
-
-def _shutdown_ray() -> None:
-    """``ray.shutdown()``, a second sooner when it stops a local Ray started by this sweep.
-
-    Ray stops its processes one after the other and gives each up to a second after SIGTERM;
-    the autoscaler monitor of a local Ray (nothing to scale) always uses that second, so it
-    is killed outright first. Which processes Ray started is private to Ray: if that changes,
-    this is a plain ``ray.shutdown()``.
-    """
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    for info in getattr(node, "all_processes", {}).get("monitor", []):
-        info.process.kill()
-    ray.shutdown()
 
 
 def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bool) -> Any:

@@ -31,9 +31,15 @@ from modloss.names import (
     CONFUSION_CSV,
     CURVE_PREFIX,
     MEMBER_ENTROPY_CSV,
+    NUM_MEMBERS_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
     SPECIALISTS_CSV,
     SUMMARY_METRICS,
+    SWEEP_ID_TAG,
+    SWEEP_ROLE,
     TRIAL_ARTIFACTS,
+    TRIAL_ID_TAG,
     curve,
 )
 
@@ -50,6 +56,8 @@ __all__ = [
     "TrackingError",
     "TrialLogger",
     "analysis_tables",
+    "runs_url",
+    "ui_hint",
     "check_tracking_uri",
     "epoch_metrics",
     "error_text",
@@ -143,6 +151,24 @@ def check_tracking_uri(uri: str, *, timeout: float = _PROBE_TIMEOUT_S) -> None:
         )
 
 
+UI_PORT = 5000  # modloss ui's default
+
+
+def runs_url(server: str, experiment_id: str) -> str:
+    """The runs table of an experiment in the MLflow UI at ``server``. MLflow 3.17 opens an
+    experiment on its GenAI overview (traces) page; this is the table of runs."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def ui_hint(record: SweepRecord) -> str:
+    """Where to see a sweep's runs: the runs table's URL on a tracking server, or for a
+    local store, the ``modloss ui`` command and the URL it serves."""
+    if urlparse(record.tracking_uri).scheme in ("http", "https"):
+        return f"runs table at {runs_url(record.tracking_uri, record.experiment_id)}"
+    url = runs_url(f"http://127.0.0.1:{UI_PORT}", record.experiment_id)
+    return f"`modloss ui --tracking-uri {record.tracking_uri}`, then open {url}"
+
+
 def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs: int) -> str:
     """A trial's outcome: finished | diverged | stopped (early, by the scheduler) | failed |
     interrupted | pending."""
@@ -214,10 +240,10 @@ def _children(client: MlflowClient, record: SweepRecord) -> dict[str, Any]:
     """The sweep's child runs by trial id."""
     runs = client.search_runs(
         [record.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{record.parent_run_id}'",
+        filter_string=f"tags.`{PARENT_TAG}` = '{record.parent_run_id}'",
         max_results=50_000,
     )
-    return {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+    return {r.data.tags[TRIAL_ID_TAG]: r for r in runs if TRIAL_ID_TAG in r.data.tags}
 
 
 class SweepTracker:
@@ -244,7 +270,7 @@ class SweepTracker:
         run = self.client.create_run(
             exp_id,
             run_name=self.experiment,
-            tags={"sweep_id": sweep_id, "modloss.role": "sweep", "ray_experiment": str(exp_dir)},
+            tags={SWEEP_ID_TAG: sweep_id, ROLE_TAG: SWEEP_ROLE, "ray_experiment": str(exp_dir)},
         )
         from mlflow.entities import Param
 
@@ -371,7 +397,7 @@ class TrialLogger(Callback):
         runs = self.client.search_runs(
             [self.record.experiment_id],
             filter_string=(
-                f"tags.`mlflow.parentRunId` = '{self.record.parent_run_id}' "
+                f"tags.`{PARENT_TAG}` = '{self.record.parent_run_id}' "
                 f"and tags.trial_id = '{trial_id}'"
             ),
             max_results=1,
@@ -387,11 +413,11 @@ class TrialLogger(Callback):
         config = train_config(config)
         members = build_model(TrainConfig.model_validate({**config, "device": "cpu"})).num_members
         tags = {
-            "mlflow.parentRunId": self.record.parent_run_id,
-            "sweep_id": self.record.sweep_id,
-            "trial_id": trial.trial_id,
+            PARENT_TAG: self.record.parent_run_id,
+            SWEEP_ID_TAG: self.record.sweep_id,
+            TRIAL_ID_TAG: trial.trial_id,
             "model": config["model"],
-            "num_members": str(members),
+            NUM_MEMBERS_TAG: str(members),
             "lam": repr(config["lam"]),
             "trial": str(config["trial"]),
             "lr": repr(config["lr"]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 import typer
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from orchestration.cli import EXIT_BAD_INPUT, register
@@ -121,6 +122,7 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
         port = sock.getsockname()[1]
     modloss = str(Path(sys.executable).with_name("modloss"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = MlflowClient(uri).create_experiment("fmnist_smoke")
     proc = subprocess.Popen(
         [modloss, "ui", "--tracking-uri", uri, "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -129,7 +131,14 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
         start_new_session=True,
     )
     try:
-        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        lines = []
+        while not lines or "MLflow UI for" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)  # ended before announcing the UI
+        # The runs table, not MLflow 3's GenAI overview page, of every experiment in the store.
+        runs_table = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+        assert f"fmnist_smoke: runs table at {runs_table}\n" in lines
+        assert f"at http://127.0.0.1:{port} " in lines[-1]
         deadline = time.monotonic() + 120
         while True:
             try:

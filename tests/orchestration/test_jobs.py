@@ -314,14 +314,14 @@ def test_sweep_runs_land_in_mlflow_on_postgres(submitted: Submitted, postgres: P
     cells = {(r.data.tags["model"], float(r.data.tags["lam"])) for r in children}
     assert cells == {(m, lam) for m in ("16-M-64-H", "256-M-4-H") for lam in (0.0, 0.95, 1.0)}
     assert {r.info.status for r in children} == {"FINISHED"}
-    assert all(0 < r.data.metrics["best_test_error"] < 0.9 for r in children)
+    assert all(0 < r.data.metrics["test_error"] < 0.9 for r in children)
     # The same runs, read straight from PostgreSQL: the server really stores them there.
     (count,) = postgres.query(
         f"SELECT count(*) FROM runs WHERE experiment_id = {experiment.experiment_id}"
     )[0]
     assert count == 7
     steps = postgres.query(
-        "SELECT max(step) FROM metrics WHERE key = 'val_error' "
+        "SELECT max(step) FROM metrics WHERE key = 'epoch/val_error' "
         f"AND run_uuid = '{children[0].info.run_id}'"
     )
     assert steps == [(3,)]

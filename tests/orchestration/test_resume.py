@@ -14,6 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from ray import tune
 
+from modloss.names import curve
+
 pytestmark = pytest.mark.slow
 
 MODLOSS = str(Path(sys.executable).with_name("modloss"))
@@ -77,7 +79,7 @@ def test_killed_sweep_is_finished_by_resume(mlflow_server, make_space, tmp_path,
     assert sorted(float(r.data.params["lam"]) for r in children) == LAMS
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_error")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, curve("val_error"))]
         assert sorted(steps) == list(range(1, EPOCHS + 1))  # no epoch logged twice
     # The trial that had finished trained no epoch again. After SIGKILL, Ray's snapshot may
     # predate its end: then it restarts from its last checkpoint, which fit sees complete,

@@ -12,6 +12,8 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
+from modloss.names import RESULTS_FILE, TRIAL_ARTIFACTS, curve
+from modloss.records import RunResult
 from orchestration.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -64,18 +66,45 @@ def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, 
         assert tags["status"] == "finished" and run.info.status == "FINISHED"
         assert tags["sweep_id"] == outcome.record.sweep_id
         for key in ("train_loss", "val_error", "test_error"):
-            history = client.get_metric_history(run.info.run_id, key)
+            history = client.get_metric_history(run.info.run_id, curve(key))
             assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-        assert run.data.metrics["best_test_error"] == pytest.approx(row.test_error)
+        assert run.data.metrics["test_error"] == pytest.approx(row.test_error)
+        assert tags["num_members"] == {"16-M-64-H": "16", "256-M-4-H": "256"}[row.model]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {
-            "results.json",
-            "robustness.png",
-            "robustness.csv",
-            "member_entropy.csv",
-            "confusion.csv",
-            "specialists.csv",
-        } <= artifacts
+        assert set(TRIAL_ARTIFACTS) <= artifacts
+
+
+def test_mlflow_test_error_is_the_best_epochs_when_the_best_epoch_is_not_the_last(
+    local_ray, mlflow_server, make_space, tmp_path
+):
+    """The name ``test_error`` means one number everywhere: the test error at the
+    best-validation epoch, in results.json, results.csv and MLflow (one value per run);
+    the per-epoch curve is ``epoch/test_error``. An lr of 10 makes 16 small MLPs overshoot
+    on 500 images, so their best epoch (2 or 3 of 4) is not the last."""
+    space = make_space(
+        name="best-not-last", models=["16-M-64-H"], lam=[0.0, 1.0], lr=10.0, epochs=4, subset=500
+    )
+    outcome = run_sweep(space, tracking_uri=mlflow_server, storage=tmp_path, out=io.StringIO())
+    assert outcome.status == "FINISHED"
+    csv = pd.read_csv(outcome.csv).set_index("trial_id")
+    client = MlflowClient(mlflow_server)
+    runs = _children(client, outcome.record.parent_run_id, "best-not-last")
+    assert len(runs) == 2
+    for run in runs:
+        run_id, trial_id = run.info.run_id, run.data.tags["trial_id"]
+        path = client.download_artifacts(run_id, RESULTS_FILE, str(tmp_path / trial_id))
+        result = RunResult.read(path)
+        assert result.best_epoch < result.epochs_completed == 4  # the premise
+        assert result.test_error != result.final_test_error
+        logged = client.get_metric_history(run_id, "test_error")
+        assert [m.value for m in logged] == [result.test_error]  # exactly one value
+        assert csv.loc[trial_id, "test_error"] == pytest.approx(result.test_error, abs=0)
+        assert run.data.metrics["val_error"] == result.val_error == csv.loc[trial_id, "val_error"]
+        assert run.data.metrics["best_epoch"] == result.best_epoch
+        curve_points = client.get_metric_history(run_id, curve("test_error"))
+        by_epoch = {m.step: m.value for m in curve_points}
+        assert by_epoch[result.best_epoch] == result.test_error
+        assert by_epoch[4] == result.final_test_error
 
 
 def test_absurd_learning_rate_is_recorded_as_diverged(
@@ -100,7 +129,7 @@ def test_absurd_learning_rate_is_recorded_as_diverged(
     assert by_lam[0.5].data.tags["status"] == "diverged"
     assert by_lam[1.0].data.tags["status"] == "finished"
     assert {r.info.status for r in runs} == {"FINISHED"}
-    finished = client.get_metric_history(by_lam[1.0].info.run_id, "val_error")
+    finished = client.get_metric_history(by_lam[1.0].info.run_id, curve("val_error"))
     assert len(finished) == EPOCHS
 
 
