@@ -43,7 +43,7 @@ def test_analysis_names_match_the_library() -> None:
             "epochs: Input should be greater than or equal to 1",
         ),
         (["--model", "256-M-4-H", "--dataset", "mnist"], "allowed: fashion-mnist, cifar10"),
-        (["--model", "256-M-4-H", "--milestone", "5", "--milestone", "2"], "strictly increasing"),
+        (["--model", "256-M-4-H", "--milestones", "5", "--milestones", "2"], "strictly increasing"),
     ],
 )
 def test_bad_input_fails_cleanly_before_any_compute(
