@@ -42,6 +42,9 @@ BAD_SPACES = [
     ("zero-trials", {"trials": 0}, ["trials", "0"]),
     ("range-in-grid", {"lam": {"low": 0, "high": 1}}, ["lam", "optuna"]),
     ("not-a-mapping", "- just\n- a list\n", ["mapping"]),
+    ("optimizer-section", {"optimizer": {"momentum": 0.5}}, ["'optimizer'", "unknown", "momentum"]),
+    ("bad-setting", {"momentum": 1.0}, ["momentum", "1.0", "less than 1"]),
+    ("late-milestone", {"milestones": [2, 5]}, ["milestones", "[5]", "below epochs (3)"]),
 ]
 
 
