@@ -3,6 +3,9 @@
 ``modloss`` itself provides ``train`` and ``analyze``. Other layers of the project add
 their commands through the ``modloss.commands`` entry-point group (each entry point is a
 callable that receives this Typer app), so that this package never imports Ray or MLflow.
+
+``train`` has one option per :class:`modloss.config.TrainConfig` field, generated from the
+field: its description is the help, its default the default; TrainConfig validates.
 """
 
 from __future__ import annotations
