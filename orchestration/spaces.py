@@ -2,7 +2,7 @@
 
 A space holds two kinds of keys, all at the top level of the file:
 
-- the settings every trial shares: :class:`modloss.train.TrainConfig`'s fields (``dataset``,
+- the settings every trial shares: :class:`modloss.config.TrainConfig`'s fields (``dataset``,
   ``epochs``, ``batch_size``, ``momentum``, ``milestones``, ...; all but the swept ``model``,
   ``lam``, ``lr``, ``trial`` and ``device``, which follows ``resources.gpus``), with
   TrainConfig's own defaults and validation;
@@ -62,10 +62,11 @@ __all__ = [
 METRIC = "val_error"  # model selection only ever sees validation
 MODE = "min"
 
-# TrainConfig fields a space sweeps, and the keys of the space that sweep them.
-_SWEPT = {"model": "models", "lam": "lam", "lr": "lr", "trial": "trials"}
-# The TrainConfig fields every trial of a space shares (the device follows resources.gpus).
-SETTINGS = tuple(k for k in TrainConfig.model_fields if k not in {*_SWEPT, "device"})
+# The TrainConfig fields every trial of a space shares: all but those the sweep sets (from
+# models, lam, lr, trials) and the device, which follows resources.gpus.
+SETTINGS = tuple(
+    k for k in TrainConfig.model_fields if k not in {"model", "lam", "lr", "trial", "device"}
+)
 
 
 def trial_summary(results: dict) -> dict:
