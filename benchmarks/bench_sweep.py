@@ -74,7 +74,7 @@ def main() -> None:
     ratio = swept / bare
     mode = "one trial at a time" if args.serial else f"max_concurrent {space.max_concurrent}"
     print(
-        f"space: {space_file.name} ({mode}, {space.epochs} epochs, subset {space.subset}), "
+        f"space: {space_file.name} ({mode}, {space.epochs} epochs, subset {grid[0]['subset']}), "
         f"{len(grid)} trials, {os.cpu_count()} CPUs"
     )
     print(f"bare fit, one after another, {per_trial} torch thread(s): {bare:7.1f} s")

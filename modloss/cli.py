@@ -3,17 +3,26 @@
 ``modloss`` itself provides ``train`` and ``analyze``. Other layers of the project add
 their commands through the ``modloss.commands`` entry-point group (each entry point is a
 callable that receives this Typer app), so that this package never imports Ray or MLflow.
+
+``train`` has one option per :class:`modloss.config.TrainConfig` field, generated from the
+field: its description is the help, its default the default; TrainConfig validates.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import typer
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from modloss.config import TrainConfig
 
 app = typer.Typer(
     name="modloss",
@@ -44,40 +53,37 @@ def _describe(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _config_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The option of TrainConfig field ``name``: its description as help, its default."""
+    kind, default = field.annotation, field.default
+    if get_origin(kind) in (Union, UnionType):  # X | None: None is a default, not a type
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    extra: dict[str, Any] = {}
+    if get_origin(kind) is dict:  # a mapping on the command line is a JSON object
+        kind, default, extra = str, json.dumps(default), {"metavar": "JSON"}
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[kind | None, typer.Option(help=field.description, **extra)],
+        default=inspect.Parameter.empty if field.is_required() else default,
+    )
+
+
+def _with_config_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command(*, out, **config)`` with an option for every TrainConfig field."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    fields = [_config_option(n, f) for n, f in TrainConfig.model_fields.items()]
+    command.__signature__ = signature.replace(parameters=[*own, *fields])
+    command.__annotations__ = {p.name: p.annotation for p in [*own, *fields]}
+    return command
+
+
 @app.command()
+@_with_config_options
 def train(
-    model: Annotated[str, typer.Option(help="Registered model name, e.g. 256-M-4-H.")],
+    *,
     out: Annotated[Path, typer.Option(help="Run directory; re-running with it resumes.")],
-    lam: Annotated[
-        float | None, typer.Option(help="Modular-loss lambda in [0, 1]. (default: 1)")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs to train. (default: 200)")] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="Dataset name. (default: fashion-mnist)")
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate. (default: the paper's for model and lam)")
-    ] = None,
-    trial: Annotated[
-        int | None, typer.Option(help="Trial: seeds the split, init and batch order. (default: 0)")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size. (default: 100)")] = None,
-    subset: Annotated[
-        int | None, typer.Option(help="Use at most this many examples per split (smoke runs).")
-    ] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum. (default: 0.9)")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay. (default: 0)")] = None,
-    nesterov: Annotated[bool | None, typer.Option(help="Nesterov momentum. (default: no)")] = None,
-    milestone: Annotated[
-        list[int] | None, typer.Option(help="Epoch at which lr is multiplied by gamma; repeatable.")
-    ] = None,
-    gamma: Annotated[float | None, typer.Option(help="LR decay factor. (default: 0.1)")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Dataset folder. (default: $MODLOSS_DATA_DIR or cache)")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:N or mps. (default: cpu)")
-    ] = None,
     strategy: Annotated[
         str,
         typer.Option(
@@ -85,32 +91,21 @@ def train(
             "module (members split across ranks, the paper's section 3.3)."
         ),
     ] = "single",
+    **given: Any,
 ) -> None:
     """Train one ensemble with the paper's protocol; writes OUT/results.json, the
     checkpoint and the test/validation logits of the best-validation epoch."""
     from modloss.names import CHECKPOINT_FILE
     from modloss.strategies import STRATEGIES, make_strategy
-    from modloss.train import TrainConfig, fit
+    from modloss.train import fit
 
-    given: dict[str, Any] = {
-        "model": model,
-        "lam": lam,
-        "epochs": epochs,
-        "dataset": dataset,
-        "lr": lr,
-        "trial": trial,
-        "batch_size": batch_size,
-        "subset": subset,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "nesterov": nesterov,
-        "milestones": milestone,
-        "gamma": gamma,
-        "data_dir": None if data_dir is None else str(data_dir),
-        "device": device,
-    }
     try:
+        given["model_overrides"] = json.loads(given["model_overrides"])
         config = TrainConfig.model_validate({k: v for k, v in given.items() if v is not None})
+    except json.JSONDecodeError as err:
+        raise _fail(
+            f"model_overrides: {err.doc!r} is not JSON ({err}); allowed: an object"
+        ) from None
     except ValidationError as err:
         raise _fail(_describe(err)) from None
     if strategy not in STRATEGIES:

@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 import modloss.train
 from modloss import cli
 from modloss.analysis import ANALYSES
+from modloss.config import TrainConfig
+from modloss.records import RunResult
+from modloss.train import build_model, initial_results
 
 runner = CliRunner()
 SMALL = ["--model", "16-M-64-H", "--lam", "0.95", "--epochs", "2", "--subset", "1000"]
@@ -32,6 +36,61 @@ def test_analysis_names_match_the_library() -> None:
     assert tuple(ANALYSES) == cli._ANALYSES
 
 
+def test_every_train_config_field_is_an_option_described_by_the_field() -> None:
+    command = typer.main.get_command(cli.app).commands["train"]
+    options = {p.name: p for p in command.params if p.name not in ("out", "strategy")}
+    assert options.keys() == TrainConfig.model_fields.keys()
+    for name, field in TrainConfig.model_fields.items():
+        option = options[name]
+        assert field.description and option.help == field.description, name
+        assert option.required == field.is_required(), name
+        if not field.is_required():
+            default = json.loads(option.default) if name == "model_overrides" else option.default
+            assert default == field.default, name
+    shown = runner.invoke(cli.app, ["train", "--help"], terminal_width=200).output
+    assert "[default: 200]" in shown and "[default: no-nesterov]" in shown
+
+
+def test_every_option_reaches_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    given = {
+        "model": "16-M-64-H",
+        "model_overrides": {"hidden": 8},
+        "dataset": "cifar10",
+        "lam": 0.5,
+        "lr": 0.3,
+        "momentum": 0.5,
+        "weight_decay": 1e-4,
+        "nesterov": True,
+        "milestones": [1, 2],
+        "gamma": 0.5,
+        "batch_size": 64,
+        "eval_batch_size": 500,
+        "epochs": 3,
+        "trial": 2,
+        "val_size": 2000,
+        "subset": 3000,
+        "augment": True,
+        "data_dir": "/elsewhere",
+        "device": "cpu",
+    }
+    assert given.keys() == TrainConfig.model_fields.keys()
+    args = ["--nesterov", "--augment", "--milestones", "1", "--milestones", "2"]
+    for key, value in given.items():
+        if key not in ("nesterov", "augment", "milestones"):
+            text = json.dumps(value) if isinstance(value, dict) else str(value)
+            args += [f"--{key.replace('_', '-')}", text]
+    seen: list[TrainConfig] = []
+
+    def record(config: TrainConfig, **kwargs: Any) -> RunResult:
+        seen.append(config)
+        return initial_results(config, build_model(config), kwargs["strategy"])
+
+    monkeypatch.setattr(modloss.train, "fit", record)
+    result = runner.invoke(cli.app, ["train", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert seen[0].model_dump() == given
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -43,7 +102,10 @@ def test_analysis_names_match_the_library() -> None:
             "epochs: Input should be greater than or equal to 1",
         ),
         (["--model", "256-M-4-H", "--dataset", "mnist"], "allowed: fashion-mnist, cifar10"),
-        (["--model", "256-M-4-H", "--milestone", "5", "--milestone", "2"], "strictly increasing"),
+        (["--model", "256-M-4-H", "--milestones", "5", "--milestones", "2"], "strictly increasing"),
+        (["--model", "256-M-4-H", "--epochs", "3", "--milestones", "3"], "below epochs (3)"),
+        (["--model", "256-M-4-H", "--model-overrides", "{hidden: 8}"], "'{hidden: 8}' is not JSON"),
+        (["--model", "256-M-4-H", "--model-overrides", "[8]"], "model_overrides: Input should be"),
     ],
 )
 def test_bad_input_fails_cleanly_before_any_compute(

@@ -24,13 +24,13 @@ SMOKE = Path(__file__).resolve().parents[2] / "search_spaces" / "fmnist_smoke.ya
 
 # (case id, top-level changes to the smoke space or the raw file text, what the error names)
 BAD_SPACES = [
-    ("lam>1", {"lam": [0.5, 1.5]}, ["lam[1]", "1.5", "[0, 1]"]),
-    ("lam<0", {"lam": [-0.1]}, ["lam[0]", "-0.1", "[0, 1]"]),
+    ("lam>1", {"lam": [0.5, 1.5]}, ["lam[1]", "1.5", "less than or equal to 1"]),
+    ("lam<0", {"lam": [-0.1]}, ["lam[0]", "-0.1", "greater than or equal to 0"]),
     ("lam-nan", "name: x\nmodels: [16-M-64-H]\nlam: [.nan]\nepochs: 1\n", ["lam[0]", "nan"]),
     ("unknown-model", {"models": ["16-M-64-H", "17-M-3-H"]}, ["models", "17-M-3-H", "allowed"]),
     ("unknown-dataset", {"dataset": "mnist-digits"}, ["dataset", "mnist-digits", "allowed"]),
     ("negative-lr", {"lr": -0.1}, ["lr", "-0.1", "greater than 0"]),
-    ("zero-epochs", {"epochs": 0}, ["epochs", "0", "greater than 0"]),
+    ("zero-epochs", {"epochs": 0}, ["epochs", "0", "greater than or equal to 1"]),
     ("malformed-yaml", "name: x\nlam: [0, 1\nepochs: 2\n", ["malformed YAML", "line"]),
     ("unknown-key", {"lamda": [0.5]}, ["lamda", "unknown key", "allowed keys"]),
     ("gpus>1-fraction", {"resources": {"cpus": 1, "gpus": 1.5}}, ["resources", "1.5", "fraction"]),
@@ -43,6 +43,9 @@ BAD_SPACES = [
     ("zero-trials", {"trials": 0}, ["trials", "0"]),
     ("range-in-grid", {"lam": {"low": 0, "high": 1}}, ["lam", "optuna"]),
     ("not-a-mapping", "- just\n- a list\n", ["mapping"]),
+    ("optimizer-section", {"optimizer": {"momentum": 0.5}}, ["'optimizer'", "unknown", "momentum"]),
+    ("bad-setting", {"momentum": 1.0}, ["momentum", "1.0", "less than 1"]),
+    ("late-milestone", {"milestones": [2, 5]}, ["milestones", "[5]", "below epochs (3)"]),
 ]
 
 

@@ -6,8 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from orchestration.spaces import GridSearch, SpaceError, load_space
+from modloss.config import TrainConfig
+from orchestration.spaces import GridSearch, SearchSpace, SpaceError, load_space
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -89,3 +91,100 @@ def test_paper_preset_needs_a_tuned_lambda(make_space):
     path = make_space(lam=[0.97])
     with pytest.raises(SpaceError, match=r"lam=0\.97"):
         load_space(path)
+
+
+# A valid value other than TrainConfig's default for every setting a space shares.
+SETTING_VALUES = dict(
+    model_overrides={"hidden": 8},
+    dataset="cifar10",
+    momentum=0.5,
+    weight_decay=1e-4,
+    nesterov=True,
+    milestones=[1, 2],
+    gamma=0.5,
+    batch_size=64,
+    eval_batch_size=500,
+    epochs=3,
+    val_size=2000,
+    subset=3000,
+    augment=True,
+    data_dir="/elsewhere",
+)
+
+
+def test_every_train_config_setting_reaches_every_trial(make_space):
+    swept = {"model", "lam", "lr", "trial", "device"}
+    assert SETTING_VALUES.keys() == TrainConfig.model_fields.keys() - swept
+    assert all(v != TrainConfig.model_fields[k].default for k, v in SETTING_VALUES.items())
+    grid = load_space(make_space(**SETTING_VALUES)).grid()
+    assert len(grid) == 6
+    assert all({k: cfg[k] for k in SETTING_VALUES} == SETTING_VALUES for cfg in grid)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"momentum": 1.0},
+        {"gamma": 0},
+        {"eval_batch_size": 0},
+        {"milestones": [2, 1]},
+        {"milestones": [1, 3]},  # epochs is 3: the last never acts
+        {"nesterov": True, "momentum": 0.0},
+        {"augment": True, "dataset": "diabetes"},
+        {"val_size": "many"},
+    ],
+)
+def test_a_bad_setting_gets_train_configs_own_error_once(make_space, bad):
+    with pytest.raises(ValidationError) as own:
+        TrainConfig(model="16-M-64-H", lam=0.95, epochs=3, **bad)
+    (problem,) = own.value.errors()
+    message = problem["msg"].removeprefix("Value error, ")
+    with pytest.raises(SpaceError) as err:
+        load_space(make_space(**bad))
+    assert str(err.value).count(message) == 1  # one problem, not one per trial
+
+
+@pytest.mark.parametrize("value", [-0.01, 0.0, 0.5, 1.0, 1.01, math.inf, math.nan])
+@pytest.mark.parametrize("key", ["lam", "lr"])
+def test_lam_and_lr_bounds_are_train_configs(make_space, key, value):
+    point = {"lam": 0.95, "lr": 0.1, key: value}
+    try:
+        TrainConfig(model="16-M-64-H", **point)
+        allowed = True
+    except ValidationError:
+        allowed = False
+    space = make_space(lam=[point["lam"]], lr=point["lr"])
+    if allowed:
+        assert {cfg[key] for cfg in load_space(space).grid()} == {value}
+    else:
+        with pytest.raises(SpaceError, match=rf"\n  {key}(\[0\])?: "):
+            load_space(space)
+
+
+def test_a_grid_point_is_validated_once(monkeypatch):
+    from orchestration.sweep import param_space
+
+    calls = []
+    validate = TrainConfig.model_validate.__func__
+
+    def counted(cls, obj, **kwargs):
+        calls.append(obj)
+        return validate(cls, obj, **kwargs)
+
+    monkeypatch.setattr(TrainConfig, "model_validate", classmethod(counted))
+    space = load_space(SPACES / "fmnist_table2.yaml")
+    assert len(calls) == len(space.points()) == 140
+    space.grid()
+    param_space(space)
+    assert len(calls) == 140
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_dumped_space_is_the_same_space(name):
+    space = load_space(SPACES / name)
+    dumped = space.model_dump(mode="json")
+    assert set(TrainConfig.model_fields) - {"model", "lam", "lr", "trial", "device"} <= set(dumped)
+    again = SearchSpace.model_validate(dumped)
+    assert again.model_dump(mode="json") == dumped
+    if isinstance(space.search, GridSearch):
+        assert again.grid() == space.grid()
