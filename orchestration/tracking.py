@@ -155,9 +155,12 @@ UI_PORT = 5000  # modloss ui's default
 
 
 def runs_url(server: str, experiment_id: str) -> str:
-    """The runs table of an experiment in the MLflow UI at ``server``. MLflow 3.17 opens an
-    experiment on its GenAI overview (traces) page; this is the table of runs."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    """The runs table of an experiment in the MLflow UI at ``server``, its trials sorted by
+    ``test_error`` (the best-validation epoch's), best first. MLflow 3.17 opens an
+    experiment on its GenAI overview (traces) page instead; sorting by a metric also lists
+    the child runs rather than the parent run collapsed."""
+    sort = "orderByKey=metrics.%60test_error%60&orderByAsc=true"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{sort}"
 
 
 def ui_hint(record: SweepRecord) -> str:
@@ -407,11 +410,13 @@ class TrialLogger(Callback):
     def _create(self, trial: Trial, config: Mapping[str, Any]) -> str:
         from mlflow.entities import Param
 
-        from modloss.train import TrainConfig, build_model
+        from modloss.models import create_model
         from orchestration.spaces import train_config
 
-        config = train_config(config)
-        members = build_model(TrainConfig.model_validate({**config, "device": "cpu"})).num_members
+        if config.get("lr") is None:  # a sampled point on the paper's preset: resolve it
+            config = train_config(config)  # (grid points arrive validated, lr resolved)
+        overrides = config.get("model_overrides") or {}
+        members = create_model(config["model"], seed=0, **overrides).num_members
         tags = {
             PARENT_TAG: self.record.parent_run_id,
             SWEEP_ID_TAG: self.record.sweep_id,

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from dashboards.figures import FIGURES
+from orchestration.tracking import runs_url
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -87,9 +88,9 @@ def _modloss(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def sweep(mlflow_server: str, data_dir: Path, tmp_path_factory) -> str:
+def sweep_run(mlflow_server: str, data_dir: Path, tmp_path_factory) -> tuple[str, str]:
     """A 4-trial version of the smoke space (2 models x lambda 0 and 1, 2 epochs), run
-    with `modloss sweep` and tracked to the server."""
+    with `modloss sweep` and tracked to the server: the server and what the sweep printed."""
     work = tmp_path_factory.mktemp("sweep")
     space = yaml.safe_load((ROOT / "search_spaces" / "fmnist_smoke.yaml").read_text())
     space.update(name=EXPERIMENT, lam=[0.0, 1.0], epochs=2, subset=2000, data_dir=str(data_dir))
@@ -100,7 +101,12 @@ def sweep(mlflow_server: str, data_dir: Path, tmp_path_factory) -> str:
         cwd=work, timeout=SWEEP_S,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return mlflow_server
+    return mlflow_server, result.stdout
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_run: tuple[str, str]) -> str:
+    return sweep_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +156,33 @@ def test_the_image_check_catches_a_broken_figure(tmp_path):
     )
     check = image_check(page)
     assert (check["images"], check["broken-images"]) == ("2", "1")
+
+
+@pytest.mark.slow
+def test_the_printed_mlflow_url_shows_the_trials_best_first(sweep_run: tuple[str, str]):
+    """What the README's MLflow walk-through describes: the URL `modloss sweep` prints
+    opens the experiment's runs table (not MLflow 3's GenAI overview), with every trial
+    listed, best test error (the best-validation epoch's) first."""
+    from mlflow import MlflowClient
+
+    server, printed = sweep_run
+    client = MlflowClient(tracking_uri=server)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    url = runs_url(server, experiment.experiment_id)
+    assert f"MLflow: runs table at {url}\n" in printed
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser("--window-size=1600,900", f"--screenshot={ARTIFACTS / 'mlflow_runs.png'}", url)
+    dom = browser("--window-size=1600,900", "--dump-dom", url)
+    assert "Training runs" in dom and "Overview" in dom  # the runs tab, beside the overview
+    children = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("modloss.role") != "sweep"
+    ]
+    assert len(children) == 4
+    best_first = sorted(children, key=lambda r: r.data.metrics["test_error"])
+    positions = [dom.index(f">{r.info.run_name}<") for r in best_first]
+    assert positions == sorted(positions), [r.info.run_name for r in best_first]
 
 
 @pytest.mark.slow

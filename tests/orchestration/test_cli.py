@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from orchestration.cli import EXIT_BAD_INPUT, register
+from orchestration.tracking import runs_url
 
 SMOKE = Path(__file__).resolve().parents[2] / "search_spaces" / "fmnist_smoke.yaml"
 
@@ -139,7 +140,8 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
             lines.append(proc.stdout.readline())
             assert lines[-1], "".join(lines)  # ended before announcing the UI
         # The runs table, not MLflow 3's GenAI overview page, of every experiment in the store.
-        runs_table = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+        runs_table = runs_url(f"http://127.0.0.1:{port}", experiment_id)
+        assert runs_table.startswith(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")
         assert f"fmnist_smoke: runs table at {runs_table}\n" in lines
         assert f"at http://127.0.0.1:{port} " in lines[-1]
         deadline = time.monotonic() + 120
