@@ -559,10 +559,12 @@ def _write_state(
 
 
 def _load_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
-    path = out / CHECKPOINT_FILE
-    if not path.is_file():
+    from modloss.files import check_writable_dir, load_checkpoint
+
+    path = check_writable_dir(out, what="run folder") / CHECKPOINT_FILE
+    if not path.exists():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(path)
     stored, current = saved["results"]["config"], config.model_dump()
     for key in sorted(set(stored) | set(current)):
         if key not in _RESUMABLE_KEYS and stored.get(key) != current.get(key):

@@ -16,16 +16,15 @@ import json
 import math
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from ray.tune import Callback
+
+from orchestration.guards import DEFAULT_TRACKING_URI, TrackingError, check_tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,7 +45,6 @@ __all__ = [
     "trial_status",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
 # Files of a trial's last checkpoint that become artifacts of its child run. The best
 # epoch's saved logits are too large to keep: the trial summarises them into the robustness
@@ -62,7 +60,6 @@ _RUN_STATUS = {
     "interrupted": "KILLED",
     "pending": "KILLED",
 }
-_PROBE_TIMEOUT_S = 5.0
 
 
 def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
@@ -102,37 +99,6 @@ def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
         frame = specialists(val.eta, val.target, test.eta, test.target, subset_size=size)
         tables["specialists.csv"] = frame.reset_index().assign(subset_size=size)
     return tables
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message says which and why."""
-
-
-def check_tracking_uri(uri: str, *, timeout: float = _PROBE_TIMEOUT_S) -> None:
-    """Fail fast (within ``timeout`` seconds) when ``uri`` cannot be written to."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout):
-                pass
-        except urllib.error.HTTPError as exc:
-            hint = " (MLflow 3 refuses Host names not in its --allowed-hosts)" * (exc.code == 403)
-            raise TrackingError(f"{url} answered HTTP {exc.code} {exc.reason}{hint}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(
-                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or "
-                f"track locally with --tracking-uri {DEFAULT_TRACKING_URI}"
-            ) from None
-    elif parsed.scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.resolve().parent.is_dir():
-            raise TrackingError(f"{uri}: folder {db.resolve().parent} does not exist")
-    elif parsed.scheme in ("", "file"):
-        raise TrackingError(
-            f"{uri}: MLflow 3 refuses plain folder stores; use e.g. {DEFAULT_TRACKING_URI}"
-        )
 
 
 def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs: int) -> str:

@@ -1,0 +1,58 @@
+"""Stop a sweep whose trials all fail the same way, instead of retrying each of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestration.tracking import error_text
+
+__all__ = ["FailFast", "SweepStopped"]
+
+
+class SweepStopped(RuntimeError):
+    """Raised by :class:`FailFast` out of ``Tuner.fit``; ``error`` is the error in full."""
+
+    def __init__(self, trials: list[str], error: str) -> None:
+        super().__init__(f"trials {', '.join(trials)} ended on the same error")
+        self.trials = trials
+        self.error = error
+
+
+def _signature(error: str) -> str:
+    """The line that says what went wrong: the last non-empty line of a traceback."""
+    lines = [line for line in error.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else error
+
+
+class FailFast(Callback):
+    """Ray Tune callback (driver side): once two trials have failed with the same error
+    (the same last line) before any trial has succeeded, raise :class:`SweepStopped`.
+    Unstarted trials stay pending, so ``--resume`` runs them once the cause is fixed."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, set[str]] = {}
+        self._succeeded = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    def _failed(self, trial: Any) -> None:
+        error = error_text(trial)
+        trials = self._seen.setdefault(_signature(error), set())
+        trials.add(str(trial))
+        if len(trials) >= 2 and not self._succeeded:
+            raise SweepStopped(sorted(trials), error)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._failed(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._failed(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._succeeded = True
