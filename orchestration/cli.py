@@ -45,7 +45,7 @@ def sweep(
     ] = False,
 ) -> None:
     """Run a search space as a Ray Tune sweep, tracked in MLflow; print the results table."""
-    from orchestration.failfast import SweepStopped
+    from orchestration.failfast import stopped
     from orchestration.guards import GuardError
     from orchestration.spaces import SpaceError
     from orchestration.sweep import run_sweep
@@ -66,14 +66,15 @@ def sweep(
     except (SpaceError, GuardError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except SweepStopped as exc:
-        typer.echo(f"error: {exc}, so the sweep stopped; the error in full:\n{exc.error}", err=True)
-        typer.echo(f"trials not run stay pending: fix the cause, then {hint}", err=True)
-        raise typer.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; {hint}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    if outcome.status == "KILLED":
+        outcome = None
+    if outcome is None or outcome.status == "KILLED":
+        stop = stopped()
+        if stop is not None:  # FailFast, not the user, interrupted it
+            typer.echo(f"error: {stop}, so the sweep stopped; the error in full:", err=True)
+            typer.echo(stop.error, err=True)
+            typer.echo(f"trials not run stay pending: fix the cause, then {hint}", err=True)
+            raise typer.Exit(EXIT_FAILED)
         typer.echo(f"interrupted; {hint}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     if outcome.status == "FAILED":

@@ -52,12 +52,17 @@ __all__ = [
     "with_store_lock",
 ]
 
-PROBE_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 5.0  # well within the 10 s a user waits for an answer
 SPACE_FILE = "modloss_space.json"  # in the Ray experiment folder
 # A joined cluster may autoscale: wait this long for room for one trial before refusing.
 RESOURCE_WAIT_S = float(os.environ.get("MODLOSS_RESOURCE_WAIT_S", "120"))
 _DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
-_DB_PACKAGES = {"postgresql": "psycopg2-binary", "mysql": "pymysql", "mssql": "pyodbc"}
+# Drivers to suggest; SQLAlchemy 2.1's default for postgresql:// is psycopg 3, not psycopg2.
+_DB_DRIVERS = {
+    "postgresql": "postgresql+psycopg2",
+    "mysql": "mysql+pymysql",
+    "mssql": "mssql+pyodbc",
+}
 _SCHEMES = ("http", "https", "sqlite", *_DB_PORTS, "databricks", "databricks-uc", "uc")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 T = TypeVar("T")
@@ -173,8 +178,8 @@ def _check_database(uri: str, shown: str, base: str, timeout: float) -> None:
         url.get_dialect().import_dbapi()
     except (ImportError, NoSuchModuleError) as exc:
         raise TrackingError(
-            f"tracking URI {shown}: the database driver is not installed ({exc}); "
-            f"pip install {_DB_PACKAGES[base]} (or name an installed one, e.g. {base}+DRIVER://)"
+            f"tracking URI {shown}: its database driver is not installed ({exc}); install "
+            f"it, or name an installed driver (e.g. {_DB_DRIVERS[base]}://)"
         ) from None
     except ArgumentError as exc:
         raise TrackingError(f"tracking URI {shown}: malformed ({exc})") from None

@@ -325,6 +325,10 @@ def run_sweep(
     """
     space = load_space(space_file, name=experiment, max_concurrent=max_concurrent)
     exp_dir = Path(storage or DEFAULT_STORAGE).resolve() / space.name
+    # Checks that create nothing first: a refused sweep leaves no storage folder behind.
+    guards.check_tracking_uri(_tracking_uri(tracking_uri, SweepRecord.load(exp_dir)))
+    if address is None:  # a cluster's trials read the data on their own nodes
+        guards.check_data(space)
     with guards.sweep_lock(exp_dir):  # one driver per experiment folder at a time
         return _run_locked(space, Path(space_file), exp_dir, address, tracking_uri, resume, out)
 
@@ -350,9 +354,6 @@ def _run_locked(
         )
     if resume:
         guards.check_resumed_space(exp_dir, space)
-    guards.check_tracking_uri(tracking_uri)
-    if address is None:
-        guards.check_data(space)
 
     import ray
     from ray import tune
