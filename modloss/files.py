@@ -71,9 +71,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
     path = check_readable_file(path, what=what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception:  # torch raises RuntimeError, EOFError, UnpicklingError ... by damage
         raise PathError(
-            f"{what} {path} is corrupt or truncated ({reason[:200]}): delete it to start "
-            "that run over, or restore it from a copy"
+            f"{what} {path} is corrupt or truncated (not a readable torch checkpoint): "
+            "delete it to start that run over, or restore it from a copy"
         ) from None

@@ -492,10 +492,8 @@ def test_resume_with_an_edited_space_names_what_changed(
     k = killed_sweep
     before = (k["exp_dir"] / "results.csv").read_text()
     parents, children = _mlflow_runs(k["client"], k["name"])
-    edited = write_space(
-        k["root"], data_dir, k["name"], models=["16-M-64-H"], lam=KILL_LAMS, epochs=KILL_EPOCHS,
-        subset=2000, max_concurrent=1, **change,
-    )  # fmt: skip
+    first = {"models": ["16-M-64-H"], "lam": KILL_LAMS, "epochs": KILL_EPOCHS, "subset": 2000}
+    edited = write_space(k["root"], data_dir, k["name"], max_concurrent=1, **{**first, **change})
     done = _run(["sweep", str(edited), *k["flags"], "--resume"], k["root"], timeout=120)
     assert_one_line_refusal(done.returncode, done.stderr, "--resume", *named)
     assert (k["exp_dir"] / "results.csv").read_text() == before
