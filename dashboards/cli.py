@@ -10,10 +10,6 @@ import typer
 
 __all__ = ["register", "report"]
 
-# Same default as `modloss sweep` (orchestration.tracking.DEFAULT_TRACKING_URI), repeated so
-# that `modloss --help` does not import Ray.
-_DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
 
 def report(
     experiment: Annotated[str, typer.Option(help="MLflow experiment (the sweep's name).")],
@@ -32,13 +28,19 @@ def report(
     """Regenerate Figs. 2, 3, 4, 5, 7, 10 and Tables 2, 5, 6 from a sweep's MLflow runs."""
     from dashboards.data import ExperimentNotFound, load_sweep
     from dashboards.report import ARTIFACT_PATH, build_report, log_report
+    from modloss.files import check_writable_dir
+    from orchestration.guards import DEFAULT_TRACKING_URI, GuardError, check_tracking_uri
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _DEFAULT_TRACKING_URI
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     try:
+        check_writable_dir(out, what="report folder")
+        check_tracking_uri(uri)
         data = load_sweep(experiment, tracking_uri=uri, sweep_id=sweep_id)
-    except ExperimentNotFound as err:
+    except (ExperimentNotFound, GuardError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    for duplicate in data.duplicates:
+        typer.echo(f"warning: {duplicate}", err=True)
     built = build_report(data, out)
     typer.echo(f"{len(data.runs)} runs ({len(data.done)} with results) -> {built.html}")
     if built.empty:

@@ -118,6 +118,9 @@ class SweepData:
         )
     )
 
+    # One line per (model, lam, trial) that had more than one run (counted once).
+    duplicates: list[str] = field(default_factory=list)
+
     @property
     def done(self) -> pd.DataFrame:
         """Runs with a result: finished or diverged, with a best-validation test error."""
@@ -185,6 +188,24 @@ def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
         runs[metric] = pd.to_numeric(_column(frame, f"metrics.{metric}"), errors="coerce")
     runs = runs.dropna(subset=["lam", "trial"]).astype({"trial": int})
     return runs.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
+
+
+def unique_trials(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``runs`` with one run per (model, lam, trial), a finished one where there is one, and
+    a line naming each (model, lam, trial) that had several runs and the runs left out."""
+    key = ["model", "lam", "trial"]
+    has_result = runs["status"].isin(DONE) & runs["test_error"].notna()
+    ranked = runs.assign(_rank=~has_result).sort_values([*key, "_rank"], kind="stable")
+    keep = ~ranked.duplicated(key)
+    lines = []
+    for (model, lam, trial), group in ranked[ranked.duplicated(key, keep=False)].groupby(key):
+        kept, *dropped = group["run_id"].tolist()
+        lines.append(
+            f"{model} λ={lam:g} trial {trial} has {len(group)} runs: counted once (run {kept}), "
+            f"left out {', '.join(dropped)}"
+        )
+    unique = ranked[keep].drop(columns="_rank").sort_index()
+    return unique.reset_index(drop=True), lines
 
 
 def _parent_run(experiment_id: str, sweep_id: str | None) -> pd.Series | None:
@@ -280,8 +301,9 @@ def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = Non
     with _tracking_uri(tracking_uri):
         parent = _parent_run(exp.experiment_id, sweep_id)
         parent_id = None if parent is None else parent["run_id"]
-        runs = _child_runs(exp.experiment_id, parent_id)
+        runs, duplicates = unique_trials(_child_runs(exp.experiment_id, parent_id))
     data = SweepData(
+        duplicates=duplicates,
         experiment=experiment,
         experiment_id=exp.experiment_id,
         tracking_uri=tracking_uri,

@@ -39,6 +39,7 @@ from modloss.data import (
     load_splits,
     random_crop_flip,
 )
+from modloss.files import check_writable_dir, load_checkpoint
 from modloss.models import EnsembleModel, create_model
 from modloss.names import CHECKPOINT_FILE, RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE
 from modloss.records import EpochRecord, RunResult
@@ -439,13 +440,13 @@ def _write_state(
 
 
 def _load_checkpoint(out: Path, config: TrainConfig, run: Strategy) -> dict[str, Any] | None:
-    path = out / run.checkpoint_file
-    found = path.is_file()
+    path = check_writable_dir(out, what="run folder") / run.checkpoint_file
+    found = path.exists()
     if not all(run.agree(found)):
         if any(run.agree(found)):
             raise ValueError(f"{out}: some ranks have their checkpoint and others not")
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(path)
     saved["result"] = RunResult.model_validate(saved.pop("results"))
     stored, current = saved["result"].config, config.model_dump()
     for key in sorted(set(stored) | set(current)):

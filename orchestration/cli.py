@@ -45,10 +45,14 @@ def sweep(
     ] = False,
 ) -> None:
     """Run a search space as a Ray Tune sweep, tracked in MLflow; print the results table."""
+    from orchestration.failfast import stopped
+    from orchestration.guards import GuardError
     from orchestration.spaces import SpaceError
     from orchestration.sweep import run_sweep
-    from orchestration.tracking import TrackingError
 
+    hint = "finish it with: " + _resume_command(
+        space, address, tracking_uri, experiment, storage, max_concurrent
+    )
     try:
         outcome = run_sweep(
             space,
@@ -59,18 +63,35 @@ def sweep(
             max_concurrent=max_concurrent,
             resume=resume,
         )
-    except (SpaceError, TrackingError) as exc:
+    except (SpaceError, GuardError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; finish it with: modloss sweep {space} --resume", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    if outcome.status == "KILLED":
-        typer.echo(f"interrupted; finish it with: modloss sweep {space} --resume", err=True)
+        outcome = None
+    if outcome is None or outcome.status == "KILLED":
+        stop = stopped()
+        if stop is not None:  # FailFast, not the user, interrupted it
+            typer.echo(f"error: {stop}, so the sweep stopped; the error in full:", err=True)
+            typer.echo(stop.error, err=True)
+            typer.echo(f"trials not run stay pending: fix the cause, then {hint}", err=True)
+            raise typer.Exit(EXIT_FAILED)
+        typer.echo(f"interrupted; {hint}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     if outcome.status == "FAILED":
         typer.echo("some trials failed (status 'failed' in the table)", err=True)
         raise typer.Exit(EXIT_FAILED)
+
+
+def _resume_command(space: Path, *options: object) -> str:
+    """The command that resumes this sweep: every option given, then --resume."""
+    import shlex
+
+    names = ("--address", "--tracking-uri", "--experiment", "--storage", "--max-concurrent")
+    args = ["modloss", "sweep", str(space)]
+    for name, value in zip(names, options, strict=True):
+        if value is not None:
+            args += [name, str(value)]
+    return shlex.join([*args, "--resume"])
 
 
 def ui(
@@ -86,7 +107,14 @@ def ui(
     print the runs table of each of its experiments."""
     from mlflow import MlflowClient
 
-    from orchestration.tracking import DEFAULT_TRACKING_URI, UI_PORT, runs_url
+    from orchestration.guards import (
+        DEFAULT_TRACKING_URI,
+        GuardError,
+        check_port_free,
+        check_tracking_uri,
+        redact,
+    )
+    from orchestration.tracking import UI_PORT, runs_url
 
     port = port or UI_PORT
     tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
@@ -95,12 +123,19 @@ def ui(
         if tracking_uri.startswith(("http://", "https://"))
         else f"http://127.0.0.1:{port}"
     )
+    try:
+        check_tracking_uri(tracking_uri)
+        if server != tracking_uri:
+            check_port_free(port)
+    except GuardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     experiments = MlflowClient(tracking_uri).search_experiments(max_results=1000)
     for exp in sorted(experiments, key=lambda e: e.name):
         if exp.name != "Default":  # MLflow's own, empty unless runs were logged by hand
-            typer.echo(f"{exp.name}: runs table at {runs_url(server, exp.experiment_id)}")
+            typer.echo(f"{exp.name}: runs table at {runs_url(redact(server), exp.experiment_id)}")
     if server == tracking_uri:
-        typer.echo(f"{tracking_uri} is already an MLflow server: open it in a browser")
+        typer.echo(f"{redact(tracking_uri)} is already an MLflow server: open it in a browser")
         return
     beside = Path(sys.executable).with_name("mlflow")  # this environment's mlflow first
     mlflow = str(beside) if beside.is_file() else shutil.which("mlflow") or "mlflow"
@@ -108,7 +143,7 @@ def ui(
         mlflow, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
-    typer.echo(f"MLflow UI for {tracking_uri} at {server} (Ctrl-C stops it)")
+    typer.echo(f"MLflow UI for {redact(tracking_uri)} at {server} (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execv(mlflow, command)  # the UI takes this process's place (and its signals)
 

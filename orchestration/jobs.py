@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
+from orchestration.guards import check_tracking_uri
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -244,6 +246,8 @@ def submit(
     Extra arguments after -- go to `modloss sweep` (e.g. -- --resume).
     """
     with _reported_errors():
+        if tracking_uri is not None:  # as the cluster reaches it: its scheme only, from here
+            check_tracking_uri(tracking_uri, local=False)
         client = job_client(address, token=token)
         job_id = submit_sweep(
             client,

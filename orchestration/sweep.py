@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modloss.names import RESULTS_CSV, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SUMMARY_METRICS
-from orchestration.compat import shutdown_own_ray
+from orchestration import guards
+from orchestration.compat import shutdown_own_ray, start_local_ray
 from orchestration.reports import METRIC, MODE, epoch_report, summary_report
 from orchestration.spaces import (
     Asha,
@@ -36,7 +37,6 @@ from orchestration.tracking import (
     DEFAULT_TRACKING_URI,
     SweepRecord,
     analysis_tables,
-    check_tracking_uri,
     trial_status,
     ui_hint,
 )
@@ -88,6 +88,7 @@ def train_trial(config: dict[str, Any]) -> None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(out_dir))
+            _drop_corrupt_checkpoint(out_dir)
 
         def report(result: RunResult, out: Path | None) -> None:
             if result.status == "diverged":
@@ -107,6 +108,22 @@ def train_trial(config: dict[str, Any]) -> None:
         tune.report(summary_report(result), checkpoint=final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _drop_corrupt_checkpoint(out_dir: Path) -> None:
+    """A restored checkpoint that cannot be read is never used: the trial starts over, with
+    a warning naming the file (Tune keeps one checkpoint per trial, so there is no older)."""
+    from modloss.files import PathError, load_checkpoint
+    from modloss.train import CHECKPOINT_FILE
+
+    path = out_dir / CHECKPOINT_FILE
+    try:
+        if path.exists():
+            load_checkpoint(path)
+    except PathError as err:
+        print(f"warning: {err}; this trial starts over from scratch", file=sys.stderr, flush=True)
+        shutil.rmtree(out_dir)
+        out_dir.mkdir()
 
 
 def _analysis_artifacts(out_dir: Path, train: Any) -> None:
@@ -296,6 +313,23 @@ def run_sweep(
     """
     space = load_space(space_file, name=experiment, max_concurrent=max_concurrent)
     exp_dir = Path(storage or DEFAULT_STORAGE).resolve() / space.name
+    # Checks that create nothing first: a refused sweep leaves no storage folder behind.
+    guards.check_tracking_uri(_tracking_uri(tracking_uri, SweepRecord.load(exp_dir)))
+    if address is None:  # a cluster's trials read the data on their own nodes
+        guards.check_data(space)
+    with guards.sweep_lock(exp_dir):  # one driver per experiment folder at a time
+        return _run_locked(space, Path(space_file), exp_dir, address, tracking_uri, resume, out)
+
+
+def _run_locked(
+    space: SearchSpace,
+    space_file: Path,
+    exp_dir: Path,
+    address: str | None,
+    tracking_uri: str | None,
+    resume: bool,
+    out: Any,
+) -> SweepOutcome:
     record = SweepRecord.load(exp_dir)
     tracking_uri = _tracking_uri(tracking_uri, record)
     started = _experiment_started(exp_dir)
@@ -306,7 +340,8 @@ def run_sweep(
             f"{exp_dir} already holds experiment {space.name!r}: finish it with --resume, "
             "or pick another --experiment name or --storage folder"
         )
-    check_tracking_uri(tracking_uri)
+    if resume:
+        guards.check_resumed_space(exp_dir, space)
 
     import ray
     from ray import tune
@@ -321,16 +356,24 @@ def run_sweep(
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     own_ray = not ray.is_initialized()
+    if own_ray and address is None:
+        guards.clean_stale_ray()
     # Opening a new SQLite store runs MLflow's schema migrations (seconds); ray.init mostly
     # waits on its own processes, so let the store be created meanwhile. Only the store:
     # the parent run is still created after Ray is up, so a failed ray.init leaves none.
     with ThreadPoolExecutor(1) as pool:
-        opened = pool.submit(SweepTracker, tracking_uri, space.name)
+        opened = pool.submit(
+            guards.with_store_lock, tracking_uri, SweepTracker, tracking_uri, space.name
+        )
         if own_ray:
-            ray.init(address=address, include_dashboard=False)
+            start = start_local_ray if address is None else ray.init
+            start(address=address, include_dashboard=False)
         tracker = opened.result()
     try:
-        record = tracker.start(exp_dir, params=_space_params(space), space_file=Path(space_file))
+        guards.check_resources(space, can_grow=address is not None)
+        if not resume:
+            guards.save_space(exp_dir, space)
+        record = tracker.start(exp_dir, params=_space_params(space), space_file=space_file)
         table, csv = None, exp_dir / RESULTS_CSV
         try:
             tuner = _tuner(space, exp_dir, record, resume=resume)
@@ -352,6 +395,7 @@ def run_sweep(
 def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bool) -> Any:
     from ray import tune
 
+    from orchestration.failfast import FailFast
     from orchestration.progress import ProgressPrinter
     from orchestration.storage import atomic_local_filesystem
     from orchestration.tracking import TrialLogger
@@ -373,7 +417,7 @@ def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bo
         name=space.name,
         storage_path=str(exp_dir.parent),
         storage_filesystem=filesystem,
-        callbacks=[TrialLogger(record), ProgressPrinter(total=_num_trials(space))],
+        callbacks=[TrialLogger(record), ProgressPrinter(total=_num_trials(space)), FailFast()],
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,

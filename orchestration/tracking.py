@@ -16,8 +16,6 @@ import json
 import math
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -42,6 +40,7 @@ from modloss.names import (
     TRIAL_ID_TAG,
     curve,
 )
+from orchestration.guards import DEFAULT_TRACKING_URI, TrackingError, check_tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,7 +63,6 @@ __all__ = [
     "trial_status",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
 # Files of a trial's last checkpoint that become artifacts of its child run. The best
 # epoch's saved logits are too large to keep: the trial summarises them into the robustness
@@ -78,7 +76,6 @@ _RUN_STATUS = {
     "interrupted": "KILLED",
     "pending": "KILLED",
 }
-_PROBE_TIMEOUT_S = 5.0
 
 
 def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
@@ -118,37 +115,6 @@ def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
         frame = specialists(val.eta, val.target, test.eta, test.target, subset_size=size)
         tables[SPECIALISTS_CSV] = frame.reset_index().assign(subset_size=size)
     return tables
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message says which and why."""
-
-
-def check_tracking_uri(uri: str, *, timeout: float = _PROBE_TIMEOUT_S) -> None:
-    """Fail fast (within ``timeout`` seconds) when ``uri`` cannot be written to."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout):
-                pass
-        except urllib.error.HTTPError as exc:
-            hint = " (MLflow 3 refuses Host names not in its --allowed-hosts)" * (exc.code == 403)
-            raise TrackingError(f"{url} answered HTTP {exc.code} {exc.reason}{hint}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(
-                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or "
-                f"track locally with --tracking-uri {DEFAULT_TRACKING_URI}"
-            ) from None
-    elif parsed.scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.resolve().parent.is_dir():
-            raise TrackingError(f"{uri}: folder {db.resolve().parent} does not exist")
-    elif parsed.scheme in ("", "file"):
-        raise TrackingError(
-            f"{uri}: MLflow 3 refuses plain folder stores; use e.g. {DEFAULT_TRACKING_URI}"
-        )
 
 
 UI_PORT = 5000  # modloss ui's default

@@ -166,13 +166,16 @@ def test_optuna_search_with_asha(local_ray, mlflow_server, make_space, tmp_path)
         assert json.loads(Path(path).read_text())["epochs_completed"] == EPOCHS
 
 
-def test_crashing_trial_is_failed_not_left_running(local_ray, mlflow_server, make_space, tmp_path):
-    # Corrupt dataset files: fit raises inside the trial, on every attempt.
+def test_crashing_trial_is_failed_not_left_running(
+    local_ray, mlflow_server, make_space, tmp_path, data_dir
+):
+    # Corrupt dataset files of the right size (a wrong size is refused before the sweep):
+    # fit raises inside the trial, on every attempt.
     data = tmp_path / "corrupt-data" / "fashion-mnist"
     data.mkdir(parents=True)
-    for split in ("train", "t10k"):
-        for kind in ("images-idx3", "labels-idx1"):
-            (data / f"{split}-{kind}-ubyte.gz").write_bytes(b"not the dataset")
+    for real in (data_dir / "fashion-mnist").glob("*.gz"):
+        with (data / real.name).open("wb") as f:
+            f.truncate(real.stat().st_size)
     space = make_space(
         name="crash-e2e",
         models=["16-M-64-H"],
