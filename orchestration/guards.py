@@ -379,7 +379,7 @@ def check_resources(space: SearchSpace, *, can_grow: bool, wait_s: float = RESOU
             time.sleep(2.0)
             problem = _shortfall(bundles, nodes())
     if problem is not None:
-        have = "; ".join(_fmt({k: n.get(k, 0.0) for k in ("CPU", "GPU")}) for n in nodes())
+        have = "; ".join(f"{n.get('CPU', 0.0):g} CPU, {n.get('GPU', 0.0):g} GPU" for n in nodes())
         waited = f" after waiting {wait_s:g} s" if can_grow else ""
         raise GuardError(
             f"resources: a trial asks for {' + '.join(_fmt(b) for b in bundles)} ({problem}); "

@@ -278,7 +278,7 @@ RESOURCE_CASES = [
     (
         "distributed-workers",
         {"distributed": {"num_workers": 4, "cpus_per_worker": 1}},
-        ["4 CPU in all", "the cluster has 2"],
+        ["5 CPU in all", "the cluster has 2"],  # 4 workers + the trial's own CPU
     ),
 ]
 
