@@ -42,7 +42,7 @@ def test_analysis_names_match_the_library() -> None:
             ["--model", "256-M-4-H", "--epochs", "0"],
             "epochs: Input should be greater than or equal to 1",
         ),
-        (["--model", "256-M-4-H", "--dataset", "mnist"], "allowed: fashion-mnist, cifar10"),
+        (["--model", "256-M-4-H", "--dataset", "svhn"], "allowed: fashion-mnist, cifar10"),
         (["--model", "256-M-4-H", "--milestone", "5", "--milestone", "2"], "strictly increasing"),
     ],
 )
