@@ -73,7 +73,7 @@ def test_paper_learning_rates() -> None:
         ({"epochs": 0}, "epochs", "greater than or equal to 1"),
         ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
         ({"model": "resnet"}, "model", "allowed: 1-M-1024-H, 16-M-64-H"),
-        ({"dataset": "mnist"}, "dataset", "allowed: fashion-mnist, cifar10"),
+        ({"dataset": "svhn"}, "dataset", "allowed: fashion-mnist, cifar10"),
         ({"milestones": [5, 3]}, "milestones", "strictly increasing"),
         ({"milestones": [0, 3]}, "milestones", "positive"),
         ({"device": "tpu"}, "device", "allowed: cpu, cuda"),
