@@ -138,35 +138,61 @@ def calibration_gaps(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS
     return out.index_add_(0, index.view(-1), gap).view(*lead, slots)
 
 
-def _categorical_sums(eta: Tensor, target: Tensor, eta_bar: Tensor) -> dict[str, Tensor]:
-    """The batch's categorical sums over examples (float64); see :meth:`EpochMetrics.state`.
+Batch = tuple[Tensor, Tensor, Tensor]  # eta (M, N, K), target (N,), eta_bar (N, K)
 
-    On the CPU the batch is taken in slices of about ``_CHUNK_ELEMENTS`` logits: the dozen
-    temporaries then stay in the cache, and below the allocator's mmap threshold, where a
-    (10, 256, 1000) evaluation batch spent more time on page faults of fresh 10 MB buffers
-    than on arithmetic.
+
+def _categorical_sums(batches: list[Batch]) -> dict[str, Tensor]:
+    """The categorical sums over the examples of ``batches`` (float64), all with the same
+    M and K; see :meth:`EpochMetrics.state`.
+
+    The batches are regrouped into chunks of about ``_CHUNK_ELEMENTS`` logits on the CPU:
+    small batches together (the dozen small ops of a pass then serve many of them), large
+    ones in slices (the temporaries then stay in the cache and below the allocator's mmap
+    threshold, where a (10, 256, 1000) evaluation batch spent more time on page faults of
+    fresh 10 MB buffers than on arithmetic). Elsewhere every batch is one chunk.
     """
-    m, n, k = eta.shape
-    step = max(1, _CHUNK_ELEMENTS // (m * k)) if eta.device.type == "cpu" else max(n, 1)
+    m, _, k = batches[0][0].shape
+    cpu = batches[0][0].device.type == "cpu"
+    step = max(1, _CHUNK_ELEMENTS // (m * k))
     total: dict[str, Tensor] = {}
-    for lo in range(0, max(n, 1), step):  # an empty batch still gives every key
-        part = _categorical_chunk(
-            eta[:, lo : lo + step], target[lo : lo + step], eta_bar[lo : lo + step]
-        )
-        for key, value in part.items():
+    chunk: list[Batch] = []
+    size = 0
+
+    def add(chunk: list[Batch]) -> None:
+        for key, value in _categorical_chunk(chunk).items():
             total[key] = total[key] + value if key in total else value
+
+    for eta, target, eta_bar in batches:
+        n = eta.shape[1]
+        starts = range(0, max(n, 1), step) if cpu else [0]  # an empty batch gives every key
+        for lo in starts:
+            hi = lo + step if cpu else n
+            chunk.append((eta[:, lo:hi], target[lo:hi], eta_bar[lo:hi]))
+            size += chunk[-1][1].numel() * m * k
+            if size >= _CHUNK_ELEMENTS or not cpu:
+                add(chunk)
+                chunk, size = [], 0
+    if chunk:
+        add(chunk)
     return total
 
 
-def _categorical_chunk(eta: Tensor, target: Tensor, eta_bar: Tensor) -> dict[str, Tensor]:
-    m, n, k = eta.shape
+def _categorical_chunk(batches: list[Batch]) -> dict[str, Tensor]:
+    m, _, k = batches[0][0].shape
+    eta = batches[0][0]
     work = torch.promote_types(eta.dtype, torch.float32)
     # The members and the ensemble side by side, classes leading, as in the loss: every
     # reduction over classes runs over the leading dimension (5-20x faster on CPU than over
     # a contiguous last dimension of 10, REFERENCE.md), once for all M + 1 predictions.
-    z = torch.empty((k, m + 1, n), dtype=work, device=eta.device)
-    z[:, :m].copy_(eta.permute(2, 0, 1))
-    z[:, m].copy_(eta_bar.t())
+    # Each batch is copied straight into its columns: the copy is also the concatenation.
+    target = torch.cat([t for _, t, _ in batches]) if len(batches) > 1 else batches[0][1]
+    z = torch.empty((k, m + 1, len(target)), dtype=work, device=eta.device)
+    start = 0
+    for part, t, part_bar in batches:
+        columns = z.narrow(2, start, len(t))
+        columns[:, :m].copy_(part.permute(2, 0, 1))
+        columns[:, m].copy_(part_bar.t())
+        start += len(t)
     stats = _softmax_stats(z, target)  # each (M + 1, N)
     correct = stats["pred"] == target
     wrong = (~correct).sum(1, dtype=torch.float64)
@@ -178,6 +204,8 @@ def _categorical_chunk(eta: Tensor, target: Tensor, eta_bar: Tensor) -> dict[str
         "errors": wrong[m],
         "brier": brier[m],
         "ece_gaps": gaps[m],  # (B + 1,)
+        "class_counts": torch.bincount(target, minlength=k).to(torch.float64),  # (K,)
+        "count": torch.tensor(len(target), dtype=torch.float64, device=eta.device),
         "member_nll": nll[:m],  # (M,)
         "member_errors": wrong[:m],  # (M,)
         "member_entropy": stats["entropy"][:m].sum(1, dtype=torch.float64),  # (M,)
@@ -287,6 +315,9 @@ class EpochMetrics:
         eta_bar = eta_bar.detach()
         if self.family == "categorical":
             _check_classes(target, n, k)
+            if self._pending and self._pending[0][0].shape[::2] != (m, k):
+                seen = tuple(self._pending[0][0].shape[::2])
+                raise ValueError(f"eta has (M, K) = {(m, k)}, but earlier batches had {seen}")
             self._pending.append((eta, target, eta_bar))
             self._pending_elements += eta.numel()
             if self._pending_elements >= _CHUNK_ELEMENTS:
@@ -312,19 +343,10 @@ class EpochMetrics:
         self.count += n
 
     def _flush(self) -> None:
-        """Compute the pending categorical batches: small ones together, in one pass."""
-        if not self._pending:
-            return
-        if len(self._pending) == 1:
-            eta, target, eta_bar = self._pending[0]
-        else:
-            etas, targets, eta_bars = zip(*self._pending, strict=True)
-            eta, target, eta_bar = torch.cat(etas, 1), torch.cat(targets), torch.cat(eta_bars)
-        self._pending, self._pending_elements = [], 0
-        sums = _categorical_sums(eta, target, eta_bar)
-        sums["class_counts"] = torch.bincount(target, minlength=eta.shape[2])  # (K,)
-        sums["count"] = torch.tensor(len(target), device=eta.device)
-        self._add(sums)
+        """Compute the pending categorical batches."""
+        if self._pending:
+            batches, self._pending, self._pending_elements = self._pending, [], 0
+            self._add(_categorical_sums(batches))
 
     def _add(self, sums: dict[str, Tensor]) -> None:
         for key, value in sums.items():
