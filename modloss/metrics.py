@@ -150,25 +150,7 @@ def calibration_gaps(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS
 Batch = tuple[Tensor, Tensor, Tensor]  # eta (M, N, K), target (N,), eta_bar (N, K)
 
 
-class _Scratch:
-    """Two flat buffers reused by every chunk of one :class:`EpochMetrics`: freshly allocated
-    megabyte temporaries are returned to the OS and page-faulted back each time (a third of
-    the 256-member training metrics went to page faults)."""
-
-    def __init__(self) -> None:
-        self.buffers: list[Tensor] = []
-
-    def take(self, i: int, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype) -> Tensor:
-        size = math.prod(shape)
-        while len(self.buffers) <= i:
-            self.buffers.append(like.new_empty(0, dtype=dtype))
-        buf = self.buffers[i]
-        if buf.numel() < size or buf.dtype != dtype or buf.device != like.device:
-            buf = self.buffers[i] = like.new_empty(size, dtype=dtype)
-        return buf[:size].view(shape)
-
-
-def _categorical_sums(batches: list[Batch], scratch: _Scratch) -> dict[str, Tensor]:
+def _categorical_sums(batches: list[Batch]) -> dict[str, Tensor]:
     """The categorical sums over the examples of ``batches`` (float64), all with the same
     M and K; see :meth:`EpochMetrics.state`.
 
@@ -186,7 +168,7 @@ def _categorical_sums(batches: list[Batch], scratch: _Scratch) -> dict[str, Tens
     size = 0
 
     def add(chunk: list[Batch]) -> None:
-        for key, value in _categorical_chunk(chunk, scratch).items():
+        for key, value in _categorical_chunk(chunk).items():
             total[key] = total[key] + value if key in total else value
 
     for eta, target, eta_bar in batches:
@@ -194,18 +176,17 @@ def _categorical_sums(batches: list[Batch], scratch: _Scratch) -> dict[str, Tens
         starts = range(0, max(n, 1), step) if cpu else [0]  # an empty batch gives every key
         for lo in starts:
             hi = lo + step if cpu else n
-            piece = (eta[:, lo:hi], target[lo:hi], eta_bar[lo:hi])
-            if chunk and (size + piece[1].numel() * m * k > _CHUNK_ELEMENTS or not cpu):
+            chunk.append((eta[:, lo:hi], target[lo:hi], eta_bar[lo:hi]))
+            size += chunk[-1][1].numel() * m * k
+            if size >= _CHUNK_ELEMENTS or not cpu:
                 add(chunk)
                 chunk, size = [], 0
-            chunk.append(piece)
-            size += piece[1].numel() * m * k
     if chunk:
         add(chunk)
     return total
 
 
-def _categorical_chunk(batches: list[Batch], scratch: _Scratch) -> dict[str, Tensor]:
+def _categorical_chunk(batches: list[Batch]) -> dict[str, Tensor]:
     m, _, k = batches[0][0].shape
     eta = batches[0][0]
     work = torch.promote_types(eta.dtype, torch.float32)
@@ -214,14 +195,14 @@ def _categorical_chunk(batches: list[Batch], scratch: _Scratch) -> dict[str, Ten
     # a contiguous last dimension of 10, REFERENCE.md), once for all M + 1 predictions.
     # Each batch is copied straight into its columns: the copy is also the concatenation.
     target = torch.cat([t for _, t, _ in batches]) if len(batches) > 1 else batches[0][1]
-    z = scratch.take(0, (k, m + 1, len(target)), eta, work)
+    z = torch.empty((k, m + 1, len(target)), dtype=work, device=eta.device)
     start = 0
     for part, t, part_bar in batches:
         columns = z.narrow(2, start, len(t))
         columns[:, :m].copy_(part.permute(2, 0, 1))
         columns[:, m].copy_(part_bar.t())
         start += len(t)
-    stats = _softmax_stats(z, target, scratch.take(1, tuple(z.shape), eta, work))  # (M + 1, N)
+    stats = _softmax_stats(z, target)  # each (M + 1, N)
     correct = stats["pred"] == target
     wrong = (~correct).sum(1, dtype=torch.float64)
     gaps = calibration_gaps(stats["conf"], correct)  # (M + 1, B + 1)
@@ -243,10 +224,10 @@ def _categorical_chunk(batches: list[Batch], scratch: _Scratch) -> dict[str, Ten
     }
 
 
-def _softmax_stats(z: Tensor, target: Tensor, out: Tensor) -> dict[str, Tensor]:
+def _softmax_stats(z: Tensor, target: Tensor) -> dict[str, Tensor]:
     """NLL, entropy, Brier score, top-label confidence and argmax of ``softmax`` over the
-    leading (class) dimension of logits ``z`` ``(K, R, N)`` (overwritten, as is ``out`` of the
-    same shape), with ``target`` ``(N,)``: each ``(R, N)``.
+    leading (class) dimension of logits ``z`` ``(K, R, N)`` (overwritten), with ``target``
+    ``(N,)``: each ``(R, N)``.
 
     With ``t = z - max_k z`` and ``s = sum_k exp(t_k)``: ``p_k = exp(t_k) / s``, the top
     probability is ``1 / s``, ``NLL = log s - t_y``, ``H = log s - sum_k exp(t_k) t_k / s``
@@ -257,14 +238,14 @@ def _softmax_stats(z: Tensor, target: Tensor, out: Tensor) -> dict[str, Tensor]:
     # The first maximum, as argmax(0) but ~40x faster on CPU: sign(t) + 1 is 1 at the maxima
     # and 0 elsewhere; weights K..1 make the first one win the amax.
     weights = _first_max_weights(k, z.dtype, z.device)
-    pred = k - torch.sign(z, out=out).add_(1).mul_(weights).amax(0).long()
+    pred = k - z.sign().add_(1).mul_(weights).amax(0).long()
     t_y = z.gather(0, target.view(1, 1, n).expand(1, r, n)).squeeze(0)
     # exp(t) below ~1e-38 is a denormal, and an exp that returns denormals ran 36x slower
     # (squares of them 6x) on this project's CPUs: the logits of a confident network. A
     # numerator under exp(-40) ~ 4e-18 changes s = sum_k exp(t_k) >= 1 by less than half a
     # float32 ulp, so clamping t there leaves every result as it was (t_y, read above,
     # stays exact for the NLL).
-    e = torch.exp(z.clamp_(min=_LOG_TINY), out=out)  # softmax numerators, the largest 1
+    e = z.clamp_(min=_LOG_TINY).exp()  # softmax numerators, the largest exactly 1
     s = e.sum(0)
     log_s = s.log()
     conf = s.reciprocal()
@@ -317,7 +298,6 @@ class EpochMetrics:
         # over 262 batches of a lone member costs what one pass over a single batch does.
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending_elements = 0
-        self._scratch = _Scratch()
 
     @torch.no_grad()
     def update(self, eta: Tensor, target: Tensor, *, eta_bar: Tensor | None = None) -> None:
@@ -347,10 +327,10 @@ class EpochMetrics:
             if self._pending and self._pending[0][0].shape[::2] != (m, k):
                 seen = tuple(self._pending[0][0].shape[::2])
                 raise ValueError(f"eta has (M, K) = {(m, k)}, but earlier batches had {seen}")
-            if self._pending_elements + eta.numel() > _CHUNK_ELEMENTS:
-                self._flush()
             self._pending.append((eta, target, eta_bar))
             self._pending_elements += eta.numel()
+            if self._pending_elements >= _CHUNK_ELEMENTS:
+                self._flush()
         else:
             # The ensemble NLL also validates target's dtype and shape.
             ensemble_nll = member_nll(eta_bar.unsqueeze(0), target, self.family)[0]  # (N,)
@@ -375,7 +355,7 @@ class EpochMetrics:
         """Compute the pending categorical batches."""
         if self._pending:
             batches, self._pending, self._pending_elements = self._pending, [], 0
-            self._add(_categorical_sums(batches, self._scratch))
+            self._add(_categorical_sums(batches))
 
     def _add(self, sums: dict[str, Tensor]) -> None:
         for key, value in sums.items():

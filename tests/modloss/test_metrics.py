@@ -311,3 +311,15 @@ def test_bad_arguments_name_the_argument() -> None:
         EpochMetrics.merged(
             [_state(eta, target, "categorical")], over="ranks", family="categorical", lam=0.5
         )
+
+
+def test_an_empty_batch_gives_a_zero_state_that_merges_away() -> None:
+    eta, target = _categorical(23)
+    empty = EpochMetrics("categorical", 0.5)
+    empty.update(eta[:, :0], target[:0])
+    state = empty.state()
+    assert set(state) == set(_state(eta, target, "categorical"))
+    assert all((value == 0).all() for value in state.values())
+    parts = [state, _state(eta, target, "categorical")]
+    merged = EpochMetrics.merged(parts, over="examples", family="categorical", lam=0.5)
+    _assert_same_metrics(merged.compute(), _computed(eta, target, "categorical", 0.5))
