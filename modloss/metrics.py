@@ -147,10 +147,10 @@ def calibration_gaps(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS
     return out.index_add_(0, index.view(-1), gap).view(*lead, slots)
 
 
-Batch = tuple[Tensor, Tensor, Tensor]  # eta (M, N, K), target (N,), eta_bar (N, K)
+_Batch = tuple[Tensor, Tensor, Tensor]  # eta (M, N, K), target (N,), eta_bar (N, K)
 
 
-def _categorical_sums(batches: list[Batch]) -> dict[str, Tensor]:
+def _categorical_sums(batches: list[_Batch]) -> dict[str, Tensor]:
     """The categorical sums over the examples of ``batches`` (float64), all with the same
     M and K; see :meth:`EpochMetrics.state`.
 
@@ -164,10 +164,10 @@ def _categorical_sums(batches: list[Batch]) -> dict[str, Tensor]:
     cpu = batches[0][0].device.type == "cpu"
     step = max(1, _CHUNK_ELEMENTS // (m * k))
     total: dict[str, Tensor] = {}
-    chunk: list[Batch] = []
+    chunk: list[_Batch] = []
     size = 0
 
-    def add(chunk: list[Batch]) -> None:
+    def add(chunk: list[_Batch]) -> None:
         for key, value in _categorical_chunk(chunk).items():
             total[key] = total[key] + value if key in total else value
 
@@ -186,7 +186,7 @@ def _categorical_sums(batches: list[Batch]) -> dict[str, Tensor]:
     return total
 
 
-def _categorical_chunk(batches: list[Batch]) -> dict[str, Tensor]:
+def _categorical_chunk(batches: list[_Batch]) -> dict[str, Tensor]:
     m, _, k = batches[0][0].shape
     eta = batches[0][0]
     work = torch.promote_types(eta.dtype, torch.float32)
