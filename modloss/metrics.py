@@ -1,4 +1,5 @@
-"""Batched per-epoch metrics of an ensemble: losses, errors, entropy and module dominance.
+"""Batched per-epoch metrics of an ensemble: losses, errors, calibration, entropy,
+disagreement and module dominance.
 
 Everything is computed from member natural parameters ``eta`` of shape ``(M, N, K)`` with
 tensor operations over all members at once. :class:`EpochMetrics` keeps running sums as
@@ -10,6 +11,20 @@ the ensemble (argmax of the mean logits); for ``"gaussian"`` and ``"poisson"`` i
 root-mean-square error of the ensemble mean ``predict(eta)`` (averaged over examples and
 the K outputs). Per-member errors use each member's own prediction the same way.
 
+Calibration (categorical only), with ``p = softmax(eta_bar)`` the ensemble prediction and
+``p_j = softmax(eta_j)`` member j's:
+
+- ``brier``: ``(1/N) sum_i sum_k (p_ik - [y_i = k])^2``, summed over classes (in [0, 2]), as
+  torch-uncertainty and Ovadia et al. report it;
+- ``ece``: ``sum_b |sum_{i in b} (conf_i - [pred_i = y_i])| / N`` over 15 equal-width bins
+  of the top-label confidence ``conf_i = max_k p_ik`` (``pred_i`` its argmax), binned as
+  torchmetrics' ``MulticlassCalibrationError(n_bins=15, norm="l1")`` does (see
+  :func:`confidence_bins`);
+- ``member_brier`` / ``member_ece``: the mean over members of each member's own Brier
+  score / ECE (and ``member_nll`` the mean of their NLLs);
+- ``disagreement``: ``(1/N) sum_i (1/M) sum_j [argmax p_ij != argmax p_i]``, the mean
+  fraction of members that disagree with the ensemble's class.
+
 Module dominance (the paper's section 4.2): ``dominance_gap`` is the best member's error
 minus the ensemble's error. Independent members make an ensemble clearly better than its
 best member (large gap); when one module carries the ensemble the gap shrinks towards zero
@@ -18,18 +33,50 @@ while ``members_near_chance`` counts the modules left near chance level.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from modloss.losses import combine, member_nll, predict
+from modloss.losses import FAMILIES, member_nll, predict
 
-__all__ = ["NEAR_CHANCE_FRACTION", "EpochMetrics", "evaluate", "member_entropy"]
+__all__ = [
+    "ECE_BINS",
+    "MEMBER_KEYS",
+    "NEAR_CHANCE_FRACTION",
+    "EpochMetrics",
+    "calibration_gaps",
+    "confidence_bins",
+    "evaluate",
+    "member_entropy",
+]
 
 # A member counts as "near chance" once its error is within 10% of chance level: close
 # enough to flag modules that stayed near initialisation, loose enough to ignore noise.
 NEAR_CHANCE_FRACTION = 0.9
+# Equal-width confidence bins of the ECE: 15, as Guo et al., Ovadia et al. and
+# torch-uncertainty use.
+ECE_BINS = 15
+# Softmax numerators below exp(-40) are dropped to it (see _softmax_stats): their squares
+# stay normal floats (> 1.2e-38) in float32.
+_LOG_TINY = -40.0
+# Logits per slice of a CPU batch in the categorical metrics (1 MB of float32), and how
+# many logits of small batches are gathered before they are computed.
+_CHUNK_ELEMENTS = 2**18
+# Entries of EpochMetrics.state() with a leading member dimension (M, ...); every other
+# entry is an ensemble-level sum over examples.
+MEMBER_KEYS = frozenset(
+    {
+        "member_nll",
+        "member_errors",
+        "member_entropy",
+        "member_brier",
+        "member_ece_gaps",
+        "member_disagreements",
+    }
+)
 
 
 def member_entropy(eta: Tensor) -> Tensor:
@@ -37,6 +84,185 @@ def member_entropy(eta: Tensor) -> Tensor:
     # Classes first: a softmax over a short last dimension runs 3x slower on CPU.
     logp = torch.log_softmax(eta.transpose(-1, -2).contiguous(), dim=-2)
     return -(logp.exp() * logp).sum(-2)
+
+
+def confidence_bins(confidence: Tensor, n_bins: int = ECE_BINS) -> Tensor:
+    """Index of the equal-width calibration bin of each confidence in [0, 1], as int64.
+
+    Bin ``b`` holds ``edge_b <= confidence < edge_{b+1}`` with ``edges = linspace(0, 1,
+    n_bins + 1)`` in the confidence's dtype, exactly as torchmetrics' binning
+    (``bucketize(confidence, edges, right=True) - 1``): a confidence on an edge belongs to
+    the bin above it, and a confidence of exactly 1 (a saturated float32 softmax) gets an
+    extra index ``n_bins`` of its own. So the result lies in ``[0, n_bins]``.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    lower, upper = _bin_edges(n_bins, confidence.dtype, confidence.device)
+    # floor(c * n) misses by one where the rounded edge times n is just below an integer
+    # (8/15, 9/15 and 10/15 in float32); two comparisons with the edges themselves fix that
+    # at a third of the cost of bucketize. The clamp keeps a NaN's index in range.
+    index = (confidence * n_bins).long().clamp_(0, n_bins)
+    index += confidence >= upper[index]
+    index -= (confidence < lower[index]).long()
+    return index
+
+
+@functools.cache
+def _bin_edges(n_bins: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Lower and upper edge of each index in ``[0, n_bins]``: ``linspace(0, 1, n_bins + 1)``
+    and the same shifted by one, padded with 2 (above any confidence)."""
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=dtype, device=device)
+    two = edges.new_full((1,), 2.0)
+    return torch.cat([edges, two]), torch.cat([edges[1:], two, two])
+
+
+@functools.cache
+def _first_max_weights(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.arange(k, 0, -1, dtype=dtype, device=device).view(k, 1, 1)  # (K, 1, 1)
+
+
+def calibration_gaps(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS) -> Tensor:
+    """Per-bin sums of ``confidence - correct``: ``(..., N) -> (..., n_bins + 1)`` float64.
+
+    The l1 ECE of the examples is ``gaps.abs().sum(-1) / N``: a bin's term
+    ``|acc_b - conf_b| * n_b / N`` equals ``|sum_{i in b} (conf_i - correct_i)| / N``. Unlike
+    the ECE itself these sums add up over batches and over disjoint example shards. Leading
+    dimensions (members) are binned separately, in one scatter. Bins are
+    :func:`confidence_bins`.
+    """
+    if confidence.shape != correct.shape:
+        raise ValueError(
+            f"confidence has shape {tuple(confidence.shape)} but correct has "
+            f"{tuple(correct.shape)}; expected the same shape"
+        )
+    slots = n_bins + 1
+    lead = confidence.shape[:-1]
+    rows = math.prod(lead)
+    index = confidence_bins(confidence, n_bins).view(rows, -1)
+    index += torch.arange(0, rows * slots, slots, device=index.device).view(rows, 1)
+    # In float32 conf - 1 rounds by at most 2^-25 (exact for conf >= 1/2), far below what
+    # an ECE shows; the sums are float64.
+    gap = (confidence - correct.to(confidence.dtype)).to(torch.float64).view(-1)
+    out = torch.zeros(rows * slots, dtype=torch.float64, device=confidence.device)
+    return out.index_add_(0, index.view(-1), gap).view(*lead, slots)
+
+
+_Batch = tuple[Tensor, Tensor, Tensor]  # eta (M, N, K), target (N,), eta_bar (N, K)
+
+
+def _categorical_sums(batches: list[_Batch]) -> dict[str, Tensor]:
+    """The categorical sums over the examples of ``batches`` (float64), all with the same
+    M and K; see :meth:`EpochMetrics.state`.
+
+    The batches are regrouped into chunks of about ``_CHUNK_ELEMENTS`` logits on the CPU:
+    small batches together (the dozen small ops of a pass then serve many of them), large
+    ones in slices (the temporaries then stay in the cache and below the allocator's mmap
+    threshold, where a (10, 256, 1000) evaluation batch spent more time on page faults of
+    fresh 10 MB buffers than on arithmetic). Elsewhere every batch is one chunk.
+    """
+    m, _, k = batches[0][0].shape
+    cpu = batches[0][0].device.type == "cpu"
+    step = max(1, _CHUNK_ELEMENTS // (m * k))
+    total: dict[str, Tensor] = {}
+    chunk: list[_Batch] = []
+    size = 0
+
+    def add(chunk: list[_Batch]) -> None:
+        for key, value in _categorical_chunk(chunk).items():
+            total[key] = total[key] + value if key in total else value
+
+    for eta, target, eta_bar in batches:
+        n = eta.shape[1]
+        starts = range(0, max(n, 1), step) if cpu else [0]  # an empty batch gives every key
+        for lo in starts:
+            hi = lo + step if cpu else n
+            chunk.append((eta[:, lo:hi], target[lo:hi], eta_bar[lo:hi]))
+            size += chunk[-1][1].numel() * m * k
+            if size >= _CHUNK_ELEMENTS or not cpu:
+                add(chunk)
+                chunk, size = [], 0
+    if chunk:
+        add(chunk)
+    return total
+
+
+def _categorical_chunk(batches: list[_Batch]) -> dict[str, Tensor]:
+    m, _, k = batches[0][0].shape
+    eta = batches[0][0]
+    work = torch.promote_types(eta.dtype, torch.float32)
+    # The members and the ensemble side by side, classes leading, as in the loss: every
+    # reduction over classes runs over the leading dimension (5-20x faster on CPU than over
+    # a contiguous last dimension of 10, REFERENCE.md), once for all M + 1 predictions.
+    # Each batch is copied straight into its columns: the copy is also the concatenation.
+    target = torch.cat([t for _, t, _ in batches]) if len(batches) > 1 else batches[0][1]
+    z = torch.empty((k, m + 1, len(target)), dtype=work, device=eta.device)
+    start = 0
+    for part, t, part_bar in batches:
+        columns = z.narrow(2, start, len(t))
+        columns[:, :m].copy_(part.permute(2, 0, 1))
+        columns[:, m].copy_(part_bar.t())
+        start += len(t)
+    stats = _softmax_stats(z, target)  # each (M + 1, N)
+    correct = stats["pred"] == target
+    wrong = (~correct).sum(1, dtype=torch.float64)
+    gaps = calibration_gaps(stats["conf"], correct)  # (M + 1, B + 1)
+    disagree = (stats["pred"][:m] != stats["pred"][m]).sum(1, dtype=torch.float64)
+    nll, brier = (stats[key].sum(1, dtype=torch.float64) for key in ("nll", "brier"))
+    return {
+        "ensemble_nll": nll[m],
+        "errors": wrong[m],
+        "brier": brier[m],
+        "ece_gaps": gaps[m],  # (B + 1,)
+        "class_counts": torch.bincount(target, minlength=k).to(torch.float64),  # (K,)
+        "count": torch.tensor(len(target), dtype=torch.float64, device=eta.device),
+        "member_nll": nll[:m],  # (M,)
+        "member_errors": wrong[:m],  # (M,)
+        "member_entropy": stats["entropy"][:m].sum(1, dtype=torch.float64),  # (M,)
+        "member_brier": brier[:m],  # (M,)
+        "member_ece_gaps": gaps[:m],  # (M, B + 1)
+        "member_disagreements": disagree,  # (M,)
+    }
+
+
+def _softmax_stats(z: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """NLL, entropy, Brier score, top-label confidence and argmax of ``softmax`` over the
+    leading (class) dimension of logits ``z`` ``(K, R, N)`` (overwritten), with ``target``
+    ``(N,)``: each ``(R, N)``.
+
+    With ``t = z - max_k z`` and ``s = sum_k exp(t_k)``: ``p_k = exp(t_k) / s``, the top
+    probability is ``1 / s``, ``NLL = log s - t_y``, ``H = log s - sum_k exp(t_k) t_k / s``
+    and ``Brier = sum_k p_k^2 - 2 p_y + 1``. One exp over the logits serves them all.
+    """
+    k, r, n = z.shape
+    z.sub_(z.amax(0))  # t: <= 0, exactly 0 at the maxima
+    # The first maximum, as argmax(0) but ~40x faster on CPU: sign(t) + 1 is 1 at the maxima
+    # and 0 elsewhere; weights K..1 make the first one win the amax.
+    weights = _first_max_weights(k, z.dtype, z.device)
+    pred = k - z.sign().add_(1).mul_(weights).amax(0).long()
+    t_y = z.gather(0, target.view(1, 1, n).expand(1, r, n)).squeeze(0)
+    # exp(t) below ~1e-38 is a denormal, and an exp that returns denormals ran 36x slower
+    # (squares of them 6x) on this project's CPUs: the logits of a confident network. A
+    # numerator under exp(-40) ~ 4e-18 changes s = sum_k exp(t_k) >= 1 by less than half a
+    # float32 ulp, so clamping t there leaves every result as it was (t_y, read above,
+    # stays exact for the NLL).
+    e = z.clamp_(min=_LOG_TINY).exp()  # softmax numerators, the largest exactly 1
+    s = e.sum(0)
+    log_s = s.log()
+    conf = s.reciprocal()
+    brier = (torch.linalg.vecdot(e, e, dim=0) * conf - 2 * t_y.exp()) * conf + 1
+    entropy = log_s - torch.linalg.vecdot(e, z, dim=0) * conf
+    return {"nll": log_s - t_y, "entropy": entropy, "brier": brier, "conf": conf, "pred": pred}
+
+
+def _check_classes(target: object, n: int, k: int) -> None:
+    if not isinstance(target, Tensor) or target.dtype != torch.int64 or target.shape != (n,):
+        got = (target.dtype, tuple(target.shape)) if isinstance(target, Tensor) else target
+        raise ValueError(f"target must be int64 class indices of shape ({n},), got {got}")
+    # Only on the CPU: elsewhere the check would cost a host sync per batch.
+    if target.device.type == "cpu" and n > 0:
+        low, high = (int(v) for v in torch.aminmax(target))
+        if low < 0 or high >= k:
+            raise ValueError(f"target holds classes outside [0, {k}): min {low}, max {high}")
 
 
 class EpochMetrics:
@@ -47,66 +273,158 @@ class EpochMetrics:
         lam: the modular-loss weight; ``loss = lam * ensemble_nll + (1 - lam) * member_nll``.
 
     Call :meth:`update` with detached ``eta`` for every batch, then :meth:`compute` once.
+
+    Distributed training: the running state (:meth:`state`) is a dict of tensors, every one
+    a SUM over the examples seen, either ensemble-level or with a leading member dimension
+    (the keys in :data:`MEMBER_KEYS`: ``member_nll``, ``member_errors``, ``member_entropy``,
+    ``member_brier``, ``member_ece_gaps``, ``member_disagreements``). The ensemble-level
+    keys are ``count``, ``ensemble_nll``, ``errors``, and ``brier``, ``ece_gaps`` and
+    ``class_counts`` (categorical) or ``target_sum`` and ``target_sq_sum`` (regression).
+    So parts merge exactly with :meth:`merged`: over disjoint example slices (DDP) by
+    adding, over disjoint member shards (module parallel, every rank passing the
+    all-reduced ensemble parameter as ``eta_bar``) by concatenating the member entries.
     """
 
     def __init__(self, family: str, lam: float) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
+            raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
         self.family = family
-        self.lam = lam
+        self.lam = float(lam)
         self.count = 0
-        self.num_classes = 0
         self._sums: dict[str, Tensor] = {}
+        # Categorical batches wait here until they hold _CHUNK_ELEMENTS logits: one pass
+        # over 262 batches of a lone member costs what one pass over a single batch does.
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending_elements = 0
 
     @torch.no_grad()
-    def update(self, eta: Tensor, target: Tensor) -> None:
-        """Add one batch: ``eta`` (M, N, K), ``target`` (N,) classes or (N, K) values."""
+    def update(self, eta: Tensor, target: Tensor, *, eta_bar: Tensor | None = None) -> None:
+        """Add one batch: ``eta`` (M, N, K), ``target`` (N,) classes or (N, K) values.
+
+        ``eta_bar`` (N, K) is the ensemble natural parameter, by default the mean of
+        ``eta`` over members; pass it when ``eta`` holds only some of the members (module
+        parallel: this rank's shard, with the all-reduced mean of all members).
+
+        Categorical batches are computed once they add up to about 2^18 logits (or at
+        :meth:`state` / :meth:`compute`); until then a reference to ``eta`` is kept, so do
+        not modify it in place.
+        """
+        if not isinstance(eta, Tensor) or eta.dim() != 3:
+            shape = tuple(eta.shape) if isinstance(eta, Tensor) else type(eta).__name__
+            raise ValueError(f"eta must be a tensor of shape (M, N, K), got {shape}")
         eta = eta.detach()
-        ensemble_nll = member_nll(combine(eta).unsqueeze(0), target, self.family)[0]  # (N,)
+        m, n, k = eta.shape
+        if eta_bar is None:
+            eta_bar = eta.mean(0)
+        elif not isinstance(eta_bar, Tensor) or eta_bar.shape != (n, k):
+            shape = tuple(eta_bar.shape) if isinstance(eta_bar, Tensor) else eta_bar
+            raise ValueError(f"eta_bar must have shape (N, K) = ({n}, {k}), got {shape}")
+        eta_bar = eta_bar.detach()
         if self.family == "categorical":
-            # One log_softmax serves member NLL, member error and entropy: over a last
-            # dimension of 10 it is the most expensive op here.
-            logp = torch.log_softmax(eta, dim=-1)  # (M, N, K)
-            idx = target.view(1, -1, 1).expand(eta.shape[0], -1, 1)
-            nll = -logp.gather(-1, idx).squeeze(-1)  # (M, N)
-            sums = {
-                "ensemble_nll": ensemble_nll.sum(),
-                "member_nll": nll.mean(0).sum(),
-                "errors": (combine(eta).argmax(-1) != target).sum(),
-                "member_errors": (eta.argmax(-1) != target).sum(1),  # (M,)
-                "member_entropy": -(logp.exp() * logp).sum(-1).sum(1),  # (M,)
-            }
+            _check_classes(target, n, k)
+            if self._pending and self._pending[0][0].shape[::2] != (m, k):
+                seen = tuple(self._pending[0][0].shape[::2])
+                raise ValueError(f"eta has (M, K) = {(m, k)}, but earlier batches had {seen}")
+            self._pending.append((eta, target, eta_bar))
+            self._pending_elements += eta.numel()
+            if self._pending_elements >= _CHUNK_ELEMENTS:
+                self._flush()
         else:
-            m, n, k = eta.shape
+            # The ensemble NLL also validates target's dtype and shape.
+            ensemble_nll = member_nll(eta_bar.unsqueeze(0), target, self.family)[0]  # (N,)
             y = target.reshape(n, k).to(eta.dtype)
             # predict() takes the inverse link of the member mean; a (1, M*N, K) view
             # makes that mean trivial so each member's own prediction comes out.
             member_pred = predict(eta.reshape(1, m * n, k), self.family).reshape(m, n, k)
-            sums = {
-                "ensemble_nll": ensemble_nll.sum(),
-                "member_nll": member_nll(eta, target, self.family).mean(0).sum(),
-                "errors": (predict(eta, self.family) - y).square().sum(),
-                "member_errors": (member_pred - y).square().sum((1, 2)),  # (M,)
-                "target_sum": y.sum(0),  # (K,), for the constant-predictor "chance" RMSE
-                "target_sq_sum": y.square().sum(0),  # (K,)
-            }
+            self._add(
+                {
+                    "ensemble_nll": ensemble_nll.sum(),
+                    "errors": (predict(eta_bar.unsqueeze(0), self.family) - y).square().sum(),
+                    "target_sum": y.sum(0),  # (K,), for the constant-predictor "chance" RMSE
+                    "target_sq_sum": y.square().sum(0),  # (K,)
+                    "member_nll": member_nll(eta, target, self.family).sum(1),  # (M,)
+                    "member_errors": (member_pred - y).square().sum((1, 2)),  # (M,)
+                    "count": torch.tensor(n, device=eta.device),
+                }
+            )
+        self.count += n
+
+    def _flush(self) -> None:
+        """Compute the pending categorical batches."""
+        if self._pending:
+            batches, self._pending, self._pending_elements = self._pending, [], 0
+            self._add(_categorical_sums(batches))
+
+    def _add(self, sums: dict[str, Tensor]) -> None:
         for key, value in sums.items():
             value = value.to(torch.float64)
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self.count += eta.shape[1]
-        self.num_classes = eta.shape[2]
+            if key in self._sums:
+                self._sums[key].add_(value)
+            else:
+                self._sums[key] = value.clone()
+
+    def state(self) -> dict[str, Tensor]:
+        """The running sums (see the class docstring): tensors on the device, no sync."""
+        self._flush()
+        return dict(self._sums)
+
+    @classmethod
+    def merged(
+        cls,
+        parts: list[dict[str, Tensor]],
+        *,
+        over: Literal["examples", "members"],
+        family: str,
+        lam: float,
+    ) -> EpochMetrics:
+        """One accumulator holding the sums of the :meth:`state` ``parts``.
+
+        ``over="examples"``: the parts saw disjoint example slices with all members (DDP);
+        every entry is added (empty parts, of ranks that saw no example, are skipped).
+        ``over="members"``: the parts saw the same examples with disjoint member shards,
+        in rank order (module parallel); member entries are concatenated, ensemble entries
+        taken from the first part. Reads ``count`` to the host (one sync).
+        """
+        if over not in ("examples", "members"):
+            raise ValueError(f"over must be 'examples' or 'members', got {over!r}")
+        parts = [p for p in parts if p] if over == "examples" else list(parts)
+        if not parts or any(not p for p in parts):
+            raise ValueError(f"parts must hold at least one non-empty state, got {len(parts)}")
+        keys = set(parts[0])
+        for i, part in enumerate(parts):
+            if set(part) != keys:
+                raise ValueError(f"parts[{i}] has keys {sorted(part)}, expected {sorted(keys)}")
+        out = cls(family, lam)
+        for key in parts[0]:
+            if over == "members" and key in MEMBER_KEYS:
+                value = torch.cat([p[key] for p in parts])
+            elif over == "members":
+                value = parts[0][key].clone()
+            else:
+                value = torch.stack([p[key] for p in parts]).sum(0)
+            out._sums[key] = value
+        out.count = int(out._sums["count"].item())
+        return out
 
     def compute(self) -> dict[str, float | int | list[float]]:
         """The epoch's metrics (scalars, plus the per-member vectors ``member_errors`` and,
         for categorical targets, ``member_entropy``); one host transfer."""
         if self.count == 0:
             raise ValueError("EpochMetrics.compute() called before any update()")
+        self._flush()
         keys = list(self._sums)
         flat = torch.cat([self._sums[key].reshape(-1) for key in keys]).cpu()  # the one sync
         sizes = [self._sums[key].numel() for key in keys]
-        sums = dict(zip(keys, flat.split(sizes), strict=True))
+        sums = {
+            key: value.view(self._sums[key].shape)
+            for key, value in zip(keys, flat.split(sizes), strict=True)
+        }
         n = self.count
 
         ensemble = sums["ensemble_nll"].item() / n
-        members = sums["member_nll"].item() / n
+        members = sums["member_nll"].mean().item() / n
         out: dict[str, float | int | list[float]] = {
             "loss": self.lam * ensemble + (1 - self.lam) * members,
             "ensemble_nll": ensemble,
@@ -116,7 +434,7 @@ class EpochMetrics:
         if self.family == "categorical":
             error = sums["errors"].item() / n
             member_errors = sums["member_errors"] / n
-            chance = 1 - 1 / self.num_classes  # a uniform guess
+            chance = 1 - 1 / sums["class_counts"].numel()  # a uniform guess
         else:
             num_classes = sums["target_sum"].numel()
             error = math.sqrt(sums["errors"].item() / (n * num_classes))
@@ -129,6 +447,11 @@ class EpochMetrics:
             entropy = sums["member_entropy"] / n
             out["entropy_mean"] = entropy.mean().item()
             out["member_entropy"] = entropy.tolist()
+            out["brier"] = sums["brier"].item() / n
+            out["ece"] = sums["ece_gaps"].abs().sum().item() / n
+            out["member_brier"] = sums["member_brier"].mean().item() / n
+            out["member_ece"] = sums["member_ece_gaps"].abs().sum(1).mean().item() / n
+            out["disagreement"] = sums["member_disagreements"].mean().item() / n
         return out
 
 

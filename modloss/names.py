@@ -53,7 +53,17 @@ RESULTS_CSV = "results.csv"  # one row per trial, columns named as below
 # --- metrics
 # The summary of a run (modloss.records.RunResult fields of the same names): one value
 # per run, in results.json, results.csv, the Tune summary report and the MLflow child run.
-SUMMARY_METRICS = ("best_epoch", "val_error", "test_error", "final_test_error", "epochs_completed")
+SUMMARY_METRICS = (
+    "best_epoch",
+    "val_error",
+    "test_error",
+    "val_ece",
+    "test_ece",
+    "val_brier",
+    "test_brier",
+    "final_test_error",
+    "epochs_completed",
+)
 # Per-epoch curves are named "epoch/<split>_<metric>" (MLflow: step = epoch).
 CURVE_PREFIX = "epoch/"
 

@@ -56,6 +56,17 @@ class SplitMetrics(_Record):
     dominance_gap: float = Field(
         description="member_error_min - error: near zero when one module carries the ensemble."
     )
+    brier: float | None = Field(
+        None, description="Brier score of the ensemble prediction, summed over classes."
+    )
+    ece: float | None = Field(
+        None, description="Top-label ECE of the ensemble prediction, 15 equal-width bins."
+    )
+    member_brier: float | None = Field(None, description="Mean over members of their Brier.")
+    member_ece: float | None = Field(None, description="Mean over members of their ECE.")
+    disagreement: float | None = Field(
+        None, description="Mean fraction of members whose class differs from the ensemble's."
+    )
     members_near_chance: int | None = Field(
         None, description="Members whose error is within 10% of chance level."
     )
@@ -84,6 +95,10 @@ class EpochRecord(_Record):
     train: SplitMetrics = Field(description="Metrics of the epoch's training batches.")
     val: SplitMetrics = Field(description="Metrics on the validation split after the epoch.")
     test: SplitMetrics = Field(description="Metrics on the test split after the epoch.")
+    diversity_gap: float = Field(
+        description="train.ambiguity - val.ambiguity: diversity the members show on their "
+        "training batches beyond what carries over to held-out data (learner collusion)."
+    )
     comm_floats_per_step: float | None = Field(
         None,
         description="Floats a rank handed to collectives per training step (distributed "
@@ -93,7 +108,11 @@ class EpochRecord(_Record):
     def curves(self) -> dict[str, float]:
         """This epoch's point of every per-epoch curve: ``epoch/<split>_<metric>``,
         ``epoch/lr``, ``epoch/seconds`` (and ``epoch/comm_floats_per_step``)."""
-        out = {f"{CURVE_PREFIX}lr": self.lr, f"{CURVE_PREFIX}seconds": self.seconds}
+        out = {
+            f"{CURVE_PREFIX}lr": self.lr,
+            f"{CURVE_PREFIX}seconds": self.seconds,
+            f"{CURVE_PREFIX}diversity_gap": self.diversity_gap,
+        }
         if self.comm_floats_per_step is not None:
             out[f"{CURVE_PREFIX}comm_floats_per_step"] = self.comm_floats_per_step
         for split in SPLITS:
@@ -119,6 +138,10 @@ class RunResult(_Record):
     best_epoch: int | None = Field(description="The epoch of lowest validation error.")
     val_error: float | None = Field(description="Validation error at best_epoch.")
     test_error: float | None = Field(description="Test error at best_epoch.")
+    val_ece: float | None = Field(None, description="Validation ECE at best_epoch.")
+    test_ece: float | None = Field(None, description="Test ECE at best_epoch.")
+    val_brier: float | None = Field(None, description="Validation Brier score at best_epoch.")
+    test_brier: float | None = Field(None, description="Test Brier score at best_epoch.")
     final_test_error: float | None = Field(description="Test error at the last epoch completed.")
     diverged_epoch: int | None = Field(description="The epoch whose metrics were not finite.")
     epochs_completed: int = Field(description="Epochs trained and recorded in history.")

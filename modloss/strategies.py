@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from modloss.losses import modular_loss
-from modloss.metrics import NEAR_CHANCE_FRACTION, EpochMetrics, evaluate
+from modloss.metrics import EpochMetrics, evaluate
 from modloss.models import EnsembleModel
 from modloss.names import (
     CHECKPOINT_FILE,
@@ -129,6 +129,14 @@ class Strategy:
         """The epoch's training metrics (the same on every rank)."""
         return self.metrics.compute()
 
+    def _merged_metrics(self, *, over: str) -> dict[str, Any]:
+        """The epoch's metrics from every rank's running sums: ``over="examples"`` (DDP:
+        disjoint slices of the batches) or ``"members"`` (module parallel: member shards)."""
+        mine = {k: v.cpu() for k, v in self.metrics.state().items()}
+        parts = self.agree(mine)
+        merged = EpochMetrics.merged(parts, over=over, family=self.family, lam=self.lam)
+        return merged.compute()
+
     def comm_floats_per_step(self) -> float | None:
         """Floats handed to collectives per step this epoch (None on one process)."""
         return None if self.world == 1 else self.comm.floats / max(self.steps, 1)
@@ -223,8 +231,7 @@ class DataParallel(Strategy):
         return modular_loss(eta, y, self.lam, family=self.family) * weight
 
     def train_metrics(self) -> dict[str, Any]:
-        mine = (self.metrics.compute() if self.metrics.count else None, self.metrics.count)
-        return _merge_example_shards(self.agree(mine), self.family, self.lam, self.num_classes)
+        return self._merged_metrics(over="examples")
 
     def _gather(self, x: Tensor, batch_size: int) -> Tensor:
         for buffer in self.model.buffers():  # rank 0's BatchNorm statistics everywhere
@@ -251,23 +258,17 @@ class ModuleParallel(Strategy):
         self.net = self.model
         return self.model
 
-    def start_epoch(self) -> None:
-        super().start_epoch()
-        self.ensemble = EpochMetrics(self.family, self.lam)  # from the all-reduced ensemble mean
-
     def step_loss(self, x: Tensor, y: Tensor) -> Tensor:
         eta = self.net(x)  # (M_r, B, K)
         out = module_parallel_loss(
             eta, y, self.lam, num_members=self.num_members, comm=self.comm, family=self.family
         )
-        self.metrics.update(eta.detach(), y)
-        self.ensemble.update(out.eta_bar.unsqueeze(0), y)
+        self.metrics.update(eta.detach(), y, eta_bar=out.eta_bar)  # the ensemble's, all ranks'
         self.steps += 1
         return out.objective
 
     def train_metrics(self) -> dict[str, Any]:
-        parts = self.agree(self.metrics.compute())
-        return _merge_member_shards(parts, self.ensemble.compute(), self.lam)
+        return self._merged_metrics(over="members")
 
     def _gather(self, x: Tensor, batch_size: int) -> Tensor:
         return self.eval_comm.all_gather(self._forward(x, batch_size), dim=0)  # (M, N, K)
@@ -318,93 +319,3 @@ def load_model_state(folder: str | Path) -> dict[str, Tensor]:
     if not shards:
         raise FileNotFoundError(f"{folder}: no {CHECKPOINT_FILE} or {SHARD_CHECKPOINT_FILE}")
     return merge_member_states(shards)
-
-
-# --- merging per-epoch training metrics ----------------------------------------------------
-
-
-def _merge_example_shards(
-    parts: list[tuple[dict[str, Any] | None, int]], family: str, lam: float, num_classes: int
-) -> dict[str, Any]:
-    """DDP: each rank's metrics over its slices of the batches, weighted by example count.
-
-    Every metric is a mean over examples (regression errors: the root of one), so the
-    weighted means are the metrics of the whole epoch. The chance level of
-    ``members_near_chance`` is a uniform guess over the classes (categorical only).
-    """
-    present = [(p, n) for p, n in parts if p is not None]
-    total = sum(n for _, n in present)
-
-    def mean(key: str, squared: bool = False) -> Tensor:
-        values = [torch.tensor(p[key], dtype=torch.float64) for p, _ in present]
-        weights = [n / total for _, n in present]
-        if squared:
-            return sum(w * v.square() for v, w in zip(values, weights, strict=True)).sqrt()
-        return sum(w * v for v, w in zip(values, weights, strict=True))
-
-    regression = family != "categorical"
-    member_errors = mean("member_errors", squared=regression)
-    chance = 1 - 1 / num_classes  # a uniform guess
-    near = None if regression else int((member_errors >= NEAR_CHANCE_FRACTION * chance).sum())
-    return _compose(
-        float(mean("ensemble_nll")),
-        float(mean("member_nll")),
-        lam,
-        error=float(mean("error", squared=regression)),
-        member_errors=member_errors,
-        member_entropy=None if regression else mean("member_entropy"),
-        members_near_chance=near,
-    )
-
-
-def _merge_member_shards(
-    parts: list[dict[str, Any]], ensemble: dict[str, Any], lam: float
-) -> dict[str, Any]:
-    """Module parallel: the ensemble's metrics from the all-reduced mean (the same on every
-    rank), the members' from each rank's shard, in member order."""
-    member_errors = torch.tensor([e for p in parts for e in p["member_errors"]])
-    sizes = [len(p["member_errors"]) for p in parts]
-    member_nll = sum(p["member_nll"] * m for p, m in zip(parts, sizes, strict=True)) / sum(sizes)
-    entropy = [e for p in parts for e in p.get("member_entropy", [])]
-    near = [p.get("members_near_chance") for p in parts]
-    return _compose(
-        ensemble["ensemble_nll"],
-        member_nll,
-        lam,
-        error=ensemble["error"],
-        member_errors=member_errors,
-        member_entropy=torch.tensor(entropy) if entropy else None,
-        # Every rank's chance level comes from the same (whole-batch) targets.
-        members_near_chance=None if None in near else sum(near),
-    )
-
-
-def _compose(
-    ensemble_nll: float,
-    member_nll: float,
-    lam: float,
-    *,
-    error: float,
-    member_errors: Tensor,
-    member_entropy: Tensor | None,
-    members_near_chance: int | None,
-) -> dict[str, Any]:
-    """``EpochMetrics.compute``'s dictionary, from merged parts."""
-    out: dict[str, Any] = {
-        "loss": lam * ensemble_nll + (1 - lam) * member_nll,
-        "ensemble_nll": ensemble_nll,
-        "member_nll": member_nll,
-        "ambiguity": member_nll - ensemble_nll,
-        "error": error,
-        "member_error_min": member_errors.min().item(),
-        "member_error_mean": member_errors.mean().item(),
-        "member_error_max": member_errors.max().item(),
-        "member_errors": member_errors.tolist(),
-        "best_member": int(member_errors.argmin()),
-        "dominance_gap": member_errors.min().item() - error,
-        "members_near_chance": members_near_chance,
-    }
-    if member_entropy is not None:
-        out["entropy_mean"] = member_entropy.mean().item()
-        out["member_entropy"] = member_entropy.tolist()
-    return out

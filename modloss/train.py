@@ -268,6 +268,7 @@ def fit(
                 train=train,
                 val=val,
                 test=test,
+                diversity_gap=train["ambiguity"] - val["ambiguity"],
                 comm_floats_per_step=run.comm_floats_per_step(),
             )
         if record is None or not record.is_finite():
@@ -282,6 +283,9 @@ def fit(
                 val["error"],
                 test["error"],
             )
+            # The same natural parameters as the saved logits (categorical; else None).
+            result.val_ece, result.test_ece = val.get("ece"), test.get("ece")
+            result.val_brier, result.test_brier = val.get("brier"), test.get("brier")
             best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if run.is_main:
                 best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}

@@ -58,6 +58,8 @@ DEFAULT_STORAGE = "ray_results"
 # results.csv: a trial's coordinates and status, then its summary metrics, named as in
 # results.json (modloss.records.RunResult) and in MLflow.
 TABLE_COLUMNS = ["model", "lam", "trial", "lr", "status", *SUMMARY_METRICS, "trial_id"]
+# Summary metrics in results.csv that the printed table leaves out, to stay readable.
+_CSV_ONLY = ("val_ece", "test_ece", "val_brier", "test_brier")
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -457,9 +459,8 @@ def _print_table(table: pd.DataFrame, csv: Path, out: Any, num_trials: int) -> N
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_rows", 500):
-        text = table.drop(columns=["trial_id"]).to_string(
-            index=False, float_format=lambda v: f"{v:.4g}"
-        )
+        shown = [c for c in table.columns if c not in ("trial_id", *_CSV_ONLY)]
+        text = table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}")
     print(text, file=out)
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     print(f"\n{len(table)} of {num_trials} trials started ({counts}); table: {csv}", file=out)

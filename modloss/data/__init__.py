@@ -5,6 +5,7 @@ Files live under a data directory (`resolve_data_dir`: argument, else $MODLOSS_D
 per-user cache folder), one folder per dataset:
 
     <dir>/fashion-mnist/train-images-idx3-ubyte.gz   and the other three .gz files
+    <dir>/mnist/train-images-idx3-ubyte.gz           likewise (out-of-distribution tests)
     <dir>/cifar10/cifar-10-python.tar.gz             or the extracted cifar-10-batches-py/
     <dir>/cifar100/cifar-100-python.tar.gz           or the extracted cifar-100-python/
 
@@ -28,7 +29,7 @@ from modloss.data._files import (
     dataset_info,
     resolve_data_dir,
 )
-from modloss.data._loader import DeviceLoader, random_crop_flip
+from modloss.data._loader import DeviceLoader, random_crop_flip, rotate
 from modloss.data._readers import RawData, load_raw
 from modloss.data._splits import Splits, TensorPair, holdout_split, load_splits
 
@@ -47,4 +48,5 @@ __all__ = [
     "load_splits",
     "random_crop_flip",
     "resolve_data_dir",
+    "rotate",
 ]

@@ -118,6 +118,24 @@ DATASETS: dict[str, DatasetInfo] = {
         num_test=5_000,
         default_val_size=2_000,
     ),
+    # The in-distribution data's usual out-of-distribution pair (MNIST vs Fashion-MNIST).
+    "mnist": DatasetInfo(
+        name="mnist",
+        family="categorical",
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        num_train=60_000,
+        num_test=10_000,
+        default_val_size=10_000,
+        files=(
+            FileSpec("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 9_912_422),
+            FileSpec("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", 28_881),
+            FileSpec("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", 1_648_877),
+            FileSpec("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", 4_542),
+        ),
+        base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
+        folder="mnist",
+    ),
 }
 
 

@@ -1,8 +1,11 @@
-"""Batches and augmentation on the tensors' own device, without host syncs."""
+"""Batches, augmentation and shifted copies of images on the tensors' own device, without
+host syncs."""
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -38,6 +41,37 @@ def random_crop_flip(
         out.view(n, c, h, w),
         torch.zeros((), dtype=x.dtype, device=x.device),
     )
+
+
+def rotate(x: Tensor, degrees: float, *, fill: float | Tensor = 0.0) -> Tensor:
+    """Every image of ``x`` rotated counter-clockwise by ``degrees`` about its centre.
+
+    Output pixel ``p`` (centre-relative coordinates, x right, y up) takes the bilinear
+    interpolation of the input at ``R(-degrees) p``, in one ``affine_grid`` / ``grid_sample``
+    over the batch on ``x``'s device; what comes from outside the image is ``fill`` (a number,
+    or one value per channel: for standardised images, the standardised black,
+    ``-x_mean / x_std``). Multiples of 90 degrees move pixel centres onto pixel centres, so
+    they equal ``torch.rot90`` up to rounding.
+
+    Shape: x (N, C, H, H) -> (N, C, H, H); only square images (rotating a non-square one
+    would need a canvas of another shape).
+    """
+    if x.dim() != 4 or x.shape[2] != x.shape[3]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected square images (N, C, H, H)")
+    if not math.isfinite(degrees):
+        raise ValueError(f"degrees must be a finite number, got {degrees!r}")
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1)
+    if fill.numel() not in (1, x.shape[1]):
+        raise ValueError(f"fill has {fill.numel()} values; expected 1 or C = {x.shape[1]}")
+    fill = fill.view(1, -1, 1, 1)
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    # affine_grid's y axis points down, so a counter-clockwise turn has the sign of sin flipped.
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    # Zero padding of x - fill, then + fill: outside pixels become fill, edges blend into it.
+    out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + fill
 
 
 class DeviceLoader:

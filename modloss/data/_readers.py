@@ -56,7 +56,8 @@ def _read_idx(path: Path, magic: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape).copy()
 
 
-def _read_fashion_mnist(info: DatasetInfo, folder: Path, download: bool) -> RawData:
+def _read_idx_dataset(info: DatasetInfo, folder: Path, download: bool) -> RawData:
+    """Fashion-MNIST and MNIST: the same four gzip IDX files."""
     fetch_files(info, folder, download)
     pixels = info.input_shape[1:]
     arrays = []
@@ -198,7 +199,8 @@ def _make_poisson_glm(info: DatasetInfo, folder: Path, download: bool) -> RawDat
 
 
 _READERS: dict[str, Callable[[DatasetInfo, Path, bool], RawData]] = {
-    "fashion-mnist": _read_fashion_mnist,
+    "fashion-mnist": _read_idx_dataset,
+    "mnist": _read_idx_dataset,
     "cifar10": _read_cifar,
     "cifar100": _read_cifar,
     "diabetes": _read_diabetes,

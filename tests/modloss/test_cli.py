@@ -101,7 +101,7 @@ def test_every_option_reaches_the_config(tmp_path: Path, monkeypatch: pytest.Mon
             ["--model", "256-M-4-H", "--epochs", "0"],
             "epochs: Input should be greater than or equal to 1",
         ),
-        (["--model", "256-M-4-H", "--dataset", "mnist"], "allowed: fashion-mnist, cifar10"),
+        (["--model", "256-M-4-H", "--dataset", "svhn"], "allowed: fashion-mnist, cifar10"),
         (["--model", "256-M-4-H", "--milestones", "5", "--milestones", "2"], "strictly increasing"),
         (["--model", "256-M-4-H", "--epochs", "3", "--milestones", "3"], "below epochs (3)"),
         (["--model", "256-M-4-H", "--model-overrides", "{hidden: 8}"], "'{hidden: 8}' is not JSON"),

@@ -114,8 +114,8 @@ def test_subset_takes_prefixes_of_the_shuffled_splits(data_dir: Path, fmnist) ->
 
 
 def test_bad_arguments_name_the_value() -> None:
-    with pytest.raises(ValueError, match="'mnist'.*cifar10"):
-        load_splits("mnist")
+    with pytest.raises(ValueError, match="'svhn'.*cifar10"):
+        load_splits("svhn")
     with pytest.raises(ValueError, match="val_size=60000"):
         load_splits("fashion-mnist", val_size=60_000)
     with pytest.raises(ValueError, match="subset=0"):

@@ -1,4 +1,5 @@
-"""Per-epoch metrics against slow per-member references, and the dominance signal."""
+"""Per-epoch metrics against slow per-member references and torchmetrics, their exact
+merging over example slices and member shards, and the dominance signal."""
 
 import math
 
@@ -6,8 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassCalibrationError
 
-from modloss.metrics import NEAR_CHANCE_FRACTION, EpochMetrics, evaluate, member_entropy
+from modloss.metrics import (
+    ECE_BINS,
+    MEMBER_KEYS,
+    NEAR_CHANCE_FRACTION,
+    EpochMetrics,
+    calibration_gaps,
+    confidence_bins,
+    evaluate,
+    member_entropy,
+)
 
 M, N, K = 6, 240, 10
 
@@ -145,3 +156,170 @@ def test_compute_without_updates_is_an_error() -> None:
 def test_member_entropy_bounds() -> None:
     uniform = torch.zeros(2, 4, K)
     assert member_entropy(uniform) == pytest.approx(torch.full((2, 4), math.log(K)))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _ece_reference(probs: torch.Tensor, target: torch.Tensor) -> float:
+    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=ECE_BINS, norm="l1")
+    return metric(probs, target).item()
+
+
+def _brier_loop(probs: torch.Tensor, target: torch.Tensor) -> float:
+    total = 0.0
+    for i in range(len(target)):
+        for k in range(probs.shape[1]):
+            total += (probs[i, k].item() - float(k == target[i].item())) ** 2
+    return total / len(target)
+
+
+def test_calibration_and_disagreement_match_torchmetrics_and_loops() -> None:
+    eta, target = _categorical(11)
+    got = _computed(eta, target, "categorical", 0.5, batches=5)
+    ensemble = eta.mean(0).softmax(-1)
+    members = eta.softmax(-1)
+    assert got["ece"] == pytest.approx(_ece_reference(ensemble, target), abs=1e-6)
+    member_ece = [_ece_reference(members[j], target) for j in range(M)]
+    assert got["member_ece"] == pytest.approx(sum(member_ece) / M, abs=1e-6)
+    assert got["brier"] == pytest.approx(_brier_loop(ensemble, target), rel=1e-5)
+    member_brier = [_brier_loop(members[j], target) for j in range(M)]
+    assert got["member_brier"] == pytest.approx(sum(member_brier) / M, rel=1e-5)
+    pred = eta.mean(0).argmax(-1)
+    fractions = [sum(int(eta[j, i].argmax() != pred[i]) for j in range(M)) / M for i in range(N)]
+    assert got["disagreement"] == pytest.approx(sum(fractions) / N)
+
+
+def test_one_member_ece_equals_torchmetrics_on_that_member() -> None:
+    eta, target = _categorical(12)
+    got = _computed(eta[3:4], target, "categorical", 1.0)
+    assert got["member_ece"] == pytest.approx(_ece_reference(eta[3].softmax(-1), target), abs=1e-6)
+    assert got["ece"] == pytest.approx(got["member_ece"], abs=1e-12)
+    assert got["disagreement"] == 0.0
+
+
+def test_confidences_on_bin_edges_fall_in_the_bin_above_as_in_torchmetrics() -> None:
+    edges = torch.linspace(0, 1, ECE_BINS + 1)
+    below = torch.nextafter(edges, torch.zeros(()))
+    assert confidence_bins(edges).tolist() == list(range(ECE_BINS + 1))
+    assert confidence_bins(below[1:]).tolist() == list(range(ECE_BINS))
+    # Top-label confidences on and just below every edge above 1/K, correct on the edges
+    # and wrong just below: binning one slot off mixes the two and changes the ECE.
+    k = 20
+    conf = torch.cat([edges[1:], below[2:]])
+    correct = torch.cat([torch.ones(ECE_BINS), torch.zeros(ECE_BINS - 1)])
+    probs = torch.cat([conf.unsqueeze(1), ((1 - conf) / (k - 1)).unsqueeze(1).expand(-1, k - 1)], 1)
+    target = torch.where(correct.bool(), 0, 1)
+    gaps = calibration_gaps(conf, correct)
+    assert gaps.abs().sum().item() / len(conf) == pytest.approx(
+        _ece_reference(probs, target), abs=1e-6
+    )
+    off_by_one = calibration_gaps(torch.nextafter(conf, torch.zeros(())), correct)
+    assert off_by_one.abs().sum().item() / len(conf) != pytest.approx(
+        _ece_reference(probs, target), abs=1e-3
+    )
+
+
+def test_saturated_confidence_is_binned_as_torchmetrics_does() -> None:
+    eta, target = _categorical(13)
+    # A float32 softmax of the first 40 rounds to a top probability of exactly 1, and every
+    # other one of them is wrong; the next 40 are right with a confidence just below 1. So
+    # merging the saturated ones into the last bin would change the ECE.
+    first = torch.arange(40)
+    eta[:, first, (target[:40] + first % 2) % K] += 40
+    eta[:, first + 40, target[40:80]] += 8
+    got = _computed(eta, target, "categorical", 1.0, batches=3)
+    ensemble = eta.mean(0).softmax(-1)
+    assert (ensemble.amax(-1) == 1).sum() == 40
+    assert got["ece"] == pytest.approx(_ece_reference(ensemble, target), abs=1e-6)
+
+
+def test_non_finite_logits_give_non_finite_metrics_instead_of_an_error() -> None:
+    eta, target = _categorical(14)
+    eta[0, 3, 2] = float("nan")
+    got = _computed(eta, target, "categorical", 1.0)
+    assert math.isnan(got["member_ece"]) and math.isnan(got["ensemble_nll"])
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _assert_same_metrics(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        # float32 batch sums in another order: ambiguity (a difference of two) loses digits.
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _state(eta, target, family: str, eta_bar=None, batches: int = 2) -> dict:
+    acc = EpochMetrics(family, 0.5)
+    chunks = eta_bar.chunk(batches) if eta_bar is not None else [None] * batches
+    for e, t, b in zip(eta.chunk(batches, dim=1), target.chunk(batches), chunks, strict=True):
+        acc.update(e, t, eta_bar=b)
+    return acc.state()
+
+
+def _family_data(family: str):
+    eta, target = _categorical(21)
+    if family != "categorical":
+        g = torch.Generator().manual_seed(22)
+        eta, target = eta[..., :2] / 4, torch.rand(N, 2, generator=g).mul(3).round()
+    return eta, target
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian", "poisson"])
+def test_merging_example_slices_equals_the_whole_epoch(family: str) -> None:
+    eta, target = _family_data(family)
+    whole = _computed(eta, target, family, 0.5)
+    bounds = [0, 17, 17, 130, N]  # uneven slices, one empty rank
+    parts = [
+        _state(eta[:, lo:hi], target[lo:hi], family, batches=1) if hi > lo else {}
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
+    merged = EpochMetrics.merged(parts, over="examples", family=family, lam=0.5)
+    assert merged.count == N
+    _assert_same_metrics(merged.compute(), whole)
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian", "poisson"])
+def test_merging_member_shards_equals_the_whole_epoch(family: str) -> None:
+    eta, target = _family_data(family)
+    whole = _computed(eta, target, family, 0.5)
+    eta_bar = eta.mean(0)  # what the all-reduce gives every rank
+    shards = [eta[:1], eta[1:4], eta[4:]]
+    parts = [_state(shard, target, family, eta_bar) for shard in shards]
+    merged = EpochMetrics.merged(parts, over="members", family=family, lam=0.5)
+    got = merged.compute()
+    _assert_same_metrics(got, whole)
+    assert set(EpochMetrics(family, 0.5).state()) == set()
+    member_keys = {key for key in parts[0] if parts[0][key].shape[:1] == (len(shards[1]),)}
+    assert member_keys <= MEMBER_KEYS
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    eta, target = _categorical()
+    acc = EpochMetrics("categorical", 0.5)
+    with pytest.raises(ValueError, match="eta_bar must have shape"):
+        acc.update(eta, target, eta_bar=eta.mean(0)[:5])
+    with pytest.raises(ValueError, match="eta must be a tensor"):
+        acc.update(eta[0], target)
+    with pytest.raises(ValueError, match="family must be one of"):
+        EpochMetrics("bernoulli", 0.5)
+    with pytest.raises(ValueError, match="lam must be"):
+        EpochMetrics("categorical", 1.5)
+    with pytest.raises(ValueError, match="over must be"):
+        EpochMetrics.merged(
+            [_state(eta, target, "categorical")], over="ranks", family="categorical", lam=0.5
+        )
+
+
+def test_an_empty_batch_gives_a_zero_state_that_merges_away() -> None:
+    eta, target = _categorical(23)
+    empty = EpochMetrics("categorical", 0.5)
+    empty.update(eta[:, :0], target[:0])
+    state = empty.state()
+    assert set(state) == set(_state(eta, target, "categorical"))
+    assert all((value == 0).all() for value in state.values())
+    parts = [state, _state(eta, target, "categorical")]
+    merged = EpochMetrics.merged(parts, over="examples", family="categorical", lam=0.5)
+    _assert_same_metrics(merged.compute(), _computed(eta, target, "categorical", 0.5))

@@ -19,6 +19,7 @@ from modloss.train import (
     fit,
     paper_lr,
 )
+from modloss.uncertainty import ece
 
 MODEL = "16-M-64-H"
 EPOCHS = 3
@@ -74,7 +75,7 @@ def test_paper_learning_rates() -> None:
         ({"epochs": 0}, "epochs", "greater than or equal to 1"),
         ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
         ({"model": "resnet"}, "model", "allowed: 1-M-1024-H, 16-M-64-H"),
-        ({"dataset": "mnist"}, "dataset", "allowed: fashion-mnist, cifar10"),
+        ({"dataset": "svhn"}, "dataset", "allowed: fashion-mnist, cifar10"),
         ({"milestones": [5, 3]}, "milestones", "strictly increasing"),
         ({"milestones": [0, 3]}, "milestones", "positive"),
         ({"device": "tpu"}, "device", "allowed: cpu, cuda"),
@@ -140,6 +141,15 @@ def test_fit_reports_selection_on_validation_and_saves_logits(
     assert test["epoch"] == val["epoch"] == results.best_epoch
     saved_error = (test["eta"].mean(0).argmax(-1) != test["target"]).float().mean().item()
     assert saved_error == pytest.approx(results.test_error)
+    # The best epoch's calibration comes from the same natural parameters as the logits.
+    probs = torch.softmax(test["eta"].mean(0), dim=-1)
+    assert results.test_ece == pytest.approx(ece(probs, test["target"]), abs=1e-6)
+    brier = (probs - torch.nn.functional.one_hot(test["target"], 10)).square().sum(-1).mean()
+    assert results.test_brier == pytest.approx(brier.item(), abs=1e-6)
+    best = history[results.best_epoch - 1]
+    assert (results.val_ece, results.val_brier) == (best.val.ece, best.val.brier)
+    for entry in history:  # the collusion signal: train diversity beyond held-out diversity
+        assert entry.diversity_gap == pytest.approx(entry.train.ambiguity - entry.val.ambiguity)
 
 
 def test_resume_reproduces_an_uninterrupted_run(

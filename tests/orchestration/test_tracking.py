@@ -58,7 +58,13 @@ def test_epoch_metrics_are_the_latest_curves_of_a_tune_report():
     """Per-epoch curves reach MLflow as ``epoch/...``; the summary metrics of the same
     report (``val_error``: the best epoch's) and Ray's own keys do not."""
     record = EpochRecord(
-        epoch=2, lr=0.1, seconds=1.5, train=_split(0.3), val=_split(0.2), test=_split(0.25)
+        epoch=2,
+        lr=0.1,
+        seconds=1.5,
+        train=_split(0.3),
+        val=_split(0.2),
+        test=_split(0.25),
+        diversity_gap=0.0,
     )
     result = RunResult(
         status="running",
