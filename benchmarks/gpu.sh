@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh fetch   # here: wheels the device lacks into .whl/, Fashion-MNIST into data/
 #   bash benchmarks/gpu.sh run     # there: installs .whl/, runs the CUDA benchmarks, logs to $OUT
+#   bash benchmarks/gpu.sh run-fit # there, a second call: fit on CUDA, single/module/ddp (NCCL)
 #
 # The device's python3 holds torch with CUDA, pandas, matplotlib, tqdm, typer and pyyaml but
 # not pydantic or platformdirs; nothing can be downloaded there. Both folders are git-ignored:
@@ -26,12 +27,16 @@ fetch() {
   du -sh .whl data
 }
 
-run() {
-  local out=${OUT:-/tmp/gpu-figures}
-  mkdir -p "$out"
+setup() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MODLOSS_DATA_DIR="$PWD/data"
+}
+
+run() {
+  local out=${OUT:-/tmp/gpu-figures}
+  mkdir -p "$out"
+  setup
   nvidia-smi -L | tee "$out/gpu.txt"
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" |
     tee -a "$out/gpu.txt"
@@ -43,8 +48,28 @@ run() {
     --json "$out/bench_distributed.json" 2>&1 | tee "$out/bench_distributed.txt"
 }
 
+# A second call (each command has 10 minutes): fit's one loop and its epoch cost on CUDA.
+run_fit() {
+  local out=${OUT:-/tmp/gpu-figures}
+  mkdir -p "$out"
+  setup
+  # fit's one loop on CUDA: one device, then module parallel and DDP over NCCL (one rank
+  # per GPU the device has), each 1 epoch on 5,000 images; the JSON summaries go to $out.
+  local gpus strategy
+  gpus=$(nvidia-smi -L | wc -l)
+  timeout 120 python3 -m modloss train --model 256-M-4-H --device cuda --epochs 1 --subset 5000 \
+    --out "$out/fit-single" 2>&1 | tail -25 | tee "$out/fit_single.txt"
+  for strategy in module ddp; do
+    timeout 120 python3 -m torch.distributed.run --nproc-per-node "$gpus" -m modloss train \
+      --model 256-M-4-H --device cuda --epochs 1 --subset 5000 --strategy "$strategy" \
+      --out "$out/fit-$strategy" 2>&1 | tail -25 | tee "$out/fit_$strategy.txt"
+  done
+  timeout 240 python3 benchmarks/bench_epoch.py --device cuda 2>&1 | tee "$out/bench_epoch.txt"
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   run) run ;;
-  *) echo "usage: bash benchmarks/gpu.sh fetch|run" >&2; exit 2 ;;
+  run-fit) run_fit ;;
+  *) echo "usage: bash benchmarks/gpu.sh fetch|run|run-fit" >&2; exit 2 ;;
 esac
