@@ -21,7 +21,7 @@ from dashboards.data import SweepData, fmt_lam
 from dashboards.figures import EMPTY, FIGURES, missing_cells
 from dashboards.tables import MISSING, TABLES, status_counts
 
-__all__ = ["REPORT_HTML", "Report", "build_report", "log_report"]
+__all__ = ["IMAGE_CHECK", "REPORT_HTML", "Report", "build_report", "figure_png", "log_report"]
 
 REPORT_HTML = "report.html"
 ARTIFACT_PATH = "report"
@@ -80,7 +80,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } .missing { color: #b22222; }
 """
 # Lets a headless browser (and the tests) check that every figure decoded.
-_IMAGE_CHECK = """
+IMAGE_CHECK = """
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
   const broken = images.filter((img) => !(img.complete && img.naturalWidth > 0));
@@ -101,7 +101,7 @@ class Report:
     empty: list[str] = field(default_factory=list)  # figures with nothing to draw yet
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     return buffer.getvalue()
@@ -134,7 +134,7 @@ def build_report(data: SweepData, out_dir: str | Path) -> Report:
         fig = build(data)
         if fig.get_label() == EMPTY:
             report.empty.append(key)
-        png = _png(fig)
+        png = figure_png(fig)
         path = out / f"{key}.png"
         path.write_bytes(png)
         report.figures[key] = path
@@ -177,7 +177,7 @@ def build_report(data: SweepData, out_dir: str | Path) -> Report:
 &middot; tracking {html.escape(data.tracking_uri)} &middot; generated {generated}</p>
 <section id="status"><h2>Runs</h2>{_table_html(status_counts(data))}{missing_html}</section>
 {"".join(sections)}
-<script>{_IMAGE_CHECK}</script>
+<script>{IMAGE_CHECK}</script>
 </body>
 </html>
 """

@@ -43,6 +43,7 @@ __all__ = [
     "ANALYSES",
     "AnalysisResult",
     "SavedLogits",
+    "binary_f1",
     "confusion_matrices",
     "dominance_report",
     "entropy_stats",
@@ -213,7 +214,7 @@ def plot_robustness(
 # --------------------------------------------------------------------------- specialists
 
 
-def _binary_f1(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+def binary_f1(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """F1 of each of R predictors ``pred`` ``(R, N)`` on each one-vs-all problem: ``(R, K)``.
 
     For class c the positives are ``pred == c``; F1 = 2 TP / (predicted + actual positives),
@@ -261,8 +262,8 @@ def specialists(
     subsets = _random_subsets(candidates, m, subset_size, g)  # (C, M)
     scores = {}
     for name, eta, target in (("val", val_eta, val_target), ("test", test_eta, test_target)):
-        scores[name, "member"] = _binary_f1(eta.argmax(-1), target, k)  # (M, K)
-        scores[name, "subset"] = _binary_f1(_ensemble_predictions(eta, subsets), target, k)
+        scores[name, "member"] = binary_f1(eta.argmax(-1), target, k)  # (M, K)
+        scores[name, "subset"] = binary_f1(_ensemble_predictions(eta, subsets), target, k)
     columns = {}
     for kind in ("member", "subset"):
         chosen = scores["val", kind].argmax(0)  # (K,) best candidate per class

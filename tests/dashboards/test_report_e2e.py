@@ -143,16 +143,16 @@ def test_the_image_check_catches_a_broken_figure(tmp_path):
     """The browser check above can fail: a figure whose data does not decode is counted."""
     from matplotlib.figure import Figure
 
-    from dashboards.report import _IMAGE_CHECK, _png
+    from dashboards.report import IMAGE_CHECK, figure_png
 
-    good = base64.b64encode(_png(Figure(figsize=(1, 1)))).decode()
+    good = base64.b64encode(figure_png(Figure(figsize=(1, 1)))).decode()
     truncated = good[:16]
     page = tmp_path / "broken.html"
     page.write_text(
         "<!DOCTYPE html><html><body>"
         f'<img src="data:image/png;base64,{truncated}">'
         f'<img src="data:image/png;base64,{good}">'
-        f"<script>{_IMAGE_CHECK}</script></body></html>"
+        f"<script>{IMAGE_CHECK}</script></body></html>"
     )
     check = image_check(page)
     assert (check["images"], check["broken-images"]) == ("2", "1")

@@ -9,7 +9,7 @@ import torch
 
 from modloss.analysis import (
     ANALYSES,
-    _binary_f1,
+    binary_f1,
     confusion_matrices,
     dominance_report,
     entropy_stats,
@@ -61,7 +61,7 @@ def test_confusion_matrices_match_a_slow_loop() -> None:
 def test_binary_f1_matches_a_slow_loop() -> None:
     g = torch.Generator().manual_seed(2)
     pred, target = torch.randint(K, (4, 200), generator=g), torch.randint(K, (200,), generator=g)
-    f1 = _binary_f1(pred, target, K)
+    f1 = binary_f1(pred, target, K)
     for r in range(4):
         for c in range(K):
             tp = ((pred[r] == c) & (target == c)).sum().item()
