@@ -28,14 +28,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/modloss
 
-# Local wheels first: .whl/ may be absent (the glob then copies only pyproject.toml).
-COPY pyproject.toml .whl* /tmp/wheels/
-RUN pip install --find-links /tmp/wheels ${TORCH} \
+# TORCH from local wheels first: .whl/ may be absent (the glob then copies only
+# constraints.txt, a small file that rarely changes).
+COPY constraints.txt .whl* /tmp/wheels/
+RUN if [ -n "${TORCH}" ]; then pip install --find-links /tmp/wheels "${TORCH}"; fi \
     && rm -rf /tmp/wheels \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Dependencies next (a layer that survives source edits), then the source.
-COPY pyproject.toml README.md ./
+# Dependencies next (a layer that survives source and README edits: pyproject.toml needs
+# a README.md to exist, the real one comes with the source), then the source.
+COPY pyproject.toml ./
+RUN touch README.md
 COPY modloss/__init__.py modloss/
 COPY orchestration/__init__.py orchestration/
 COPY dashboards/__init__.py dashboards/
@@ -43,6 +46,7 @@ RUN pip install "ray[default,tune,train]==${RAY_VERSION}" "mlflow==${MLFLOW_VERS
         ".[${EXTRAS}]" \
     && python -c "import torch, ray, mlflow, psycopg2; print('torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
 
+COPY README.md ./
 COPY modloss/ modloss/
 COPY orchestration/ orchestration/
 COPY dashboards/ dashboards/
