@@ -14,6 +14,7 @@ with `docker compose down -v` and checks that no container of the project is lef
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -73,6 +74,15 @@ class Stack:
     data_dir: Path
     compose_cmd: list[str]
     killed: list[str] = field(default_factory=list)  # container ids killed by a test
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, by step
+
+    @contextlib.contextmanager
+    def timed(self, label: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[label] = time.monotonic() - start
 
     @property
     def mlflow_uri(self) -> str:
@@ -190,6 +200,7 @@ def stack(data_dir: Path) -> Iterator[Stack]:
             "MODLOSS_HOST_DATA_DIR": str(data_dir.resolve()),
             "RAY_WORKER_NUM_CPUS": "1",
             "RAY_SHM_SIZE": "1gb",
+            "MLFLOW_WORKERS": "2",
         },
     )
     compose_cmd = [
@@ -201,21 +212,20 @@ def stack(data_dir: Path) -> Iterator[Stack]:
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     try:
         s.compose("down", "-v", "--remove-orphans", timeout=180)  # a previous run's leftovers
-        started = time.monotonic()
         # One build of the project image serves mlflow and every Ray node.
-        s.compose("build", "postgres", "mlflow", timeout=1800)
-        built = time.monotonic()
-        s.up()
-        print(
-            f"\ncluster: images {built - started:.0f} s, up {time.monotonic() - built:.0f} s",
-            file=sys.stderr,
-        )
+        with s.timed("build"):
+            s.compose("build", "postgres", "mlflow", timeout=1800)
+        with s.timed("up"):
+            s.up()
         yield s
     finally:
         try:
             s.collect_logs("final")
         finally:
-            down = s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+            with s.timed("down -v"):
+                down = s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+            shown = ", ".join(f"{k} {v:.0f} s" for k, v in s.timings.items())
+            print(f"\ncluster timings: {shown}", file=sys.__stderr__, flush=True)
             shutil.rmtree(tmp, ignore_errors=True)
             left = subprocess.run(
                 ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
