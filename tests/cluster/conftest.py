@@ -38,6 +38,15 @@ WORKERS = 2
 UP_TIMEOUT_S = 300
 
 
+TIMINGS: dict[str, float] = {}  # seconds by step, shown at the end of the session
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if TIMINGS:
+        shown = ", ".join(f"{k} {v:.0f} s" for k, v in TIMINGS.items())
+        terminalreporter.write_line(f"cluster timings: {shown}")
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """Collected only when the command line names tests/cluster (or a file in it)."""
     here = Path(__file__).parent.resolve()
@@ -74,7 +83,7 @@ class Stack:
     data_dir: Path
     compose_cmd: list[str]
     killed: list[str] = field(default_factory=list)  # container ids killed by a test
-    timings: dict[str, float] = field(default_factory=dict)  # seconds, by step
+    timings: dict[str, float] = field(default_factory=lambda: TIMINGS)
 
     @contextlib.contextmanager
     def timed(self, label: str) -> Iterator[None]:
@@ -224,8 +233,6 @@ def stack(data_dir: Path) -> Iterator[Stack]:
         finally:
             with s.timed("down -v"):
                 down = s.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-            shown = ", ".join(f"{k} {v:.0f} s" for k, v in s.timings.items())
-            print(f"\ncluster timings: {shown}", file=sys.__stderr__, flush=True)
             shutil.rmtree(tmp, ignore_errors=True)
             left = subprocess.run(
                 ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
