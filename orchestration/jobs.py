@@ -183,8 +183,11 @@ def _reported_errors() -> Iterator[None]:
     try:
         yield
     except AuthenticationError as err:
+        # Ray's message runs over several lines (a blank one, then advice about Ray's own
+        # token files); its first line says what was wrong.
+        reason = (str(err.message).strip().splitlines() or ["authentication failed"])[0]
         typer.echo(
-            f"error: {err.message}: pass the cluster's token with --token or $RAY_AUTH_TOKEN",
+            f"error: {reason}: pass the cluster's token with --token or $RAY_AUTH_TOKEN",
             err=True,
         )
         raise typer.Exit(2) from None

@@ -20,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
+OFFLINE = ROOT / "docker-compose.offline.yml"  # the registry-free CPU build (make cluster-test)
 
 _VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
@@ -142,7 +143,8 @@ def test_mlflow_uses_postgres_and_a_served_artifact_store(resolved):
 
 
 def test_env_example_lists_every_variable_the_compose_file_reads():
-    used = {m["name"] for m in _VAR.finditer(COMPOSE.read_text()) if m["name"]}
+    text = COMPOSE.read_text() + OFFLINE.read_text()
+    used = {m["name"] for m in _VAR.finditer(text) if m["name"]}
     example = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^([A-Z_]+)=", example, flags=re.M))
     assert used <= listed, used - listed
@@ -155,4 +157,46 @@ def test_dockerfile_installs_the_sweep_and_vision_extras():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, flags=re.M)
     assert re.search(r"ARG BASE_IMAGE=pytorch/pytorch:\S+-cuda\S+-runtime", text)
-    assert '".[sweep,vision]"' in text
+    assert re.search(r"^ARG EXTRAS=sweep,vision$", text, flags=re.M)
+    assert '".[${EXTRAS}]"' in text
+
+
+def test_every_service_has_a_health_check(resolved):
+    # `docker compose up --wait` (and depends_on: service_healthy) wait on these.
+    for name, service in resolved["services"].items():
+        assert service.get("healthcheck", {}).get("test"), name
+    for name in ("ray-worker", "ray-worker-cpu"):
+        assert resolved["services"][name]["depends_on"]["ray-head"] == {
+            "condition": "service_healthy"
+        }
+
+
+@pytest.fixture(scope="module")
+def offline() -> dict:
+    env = {"MODLOSS_BASE_IMAGE": "modloss-base:bookworm-0123456789ab"}
+    return _interpolate(yaml.safe_load(OFFLINE.read_text()), env)
+
+
+def test_offline_override_builds_every_image_on_the_local_base_with_cpu_torch(offline):
+    assert not jsonschema.Draft202012Validator(_schema()).is_valid({"services": {"x": {"y": 1}}})
+    errors = list(jsonschema.Draft202012Validator(_schema()).iter_errors(offline))
+    assert not errors, [e.message for e in errors]
+    services = offline["services"]
+    assert set(services) == {"postgres", "mlflow", "ray-head", "ray-worker", "ray-worker-cpu"}
+    for name, service in services.items():
+        assert service["build"]["args"]["BASE_IMAGE"] == "modloss-base:bookworm-0123456789ab"
+        assert "ports" not in service and "environment" not in service, name
+        if name != "postgres":
+            # PyPI's torch 2.13.0 for Linux is a CUDA build; torchvision needs CUDA torch.
+            assert service["build"]["args"]["TORCH"] == "torch==2.13.0+cpu"
+            assert service["build"]["args"]["EXTRAS"] == "sweep"
+    assert "postgresql-15" in services["postgres"]["build"]["dockerfile_inline"]
+    with pytest.raises(KeyError, match="MODLOSS_BASE_IMAGE"):
+        _interpolate(yaml.safe_load(OFFLINE.read_text()), {})
+
+
+def test_offline_postgres_never_puts_the_password_on_a_command_line(offline):
+    script = offline["services"]["postgres"]["entrypoint"][-1]
+    assert "--pwfile=" in script and "scram-sha-256" in script
+    # Only the file write names the variable; no argument carries the password.
+    assert script.count("POSTGRES_PASSWORD") == 1
