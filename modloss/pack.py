@@ -156,7 +156,8 @@ class PackedStrategy(SingleDevice):
         self.live[g] = False
 
     def start_epoch(self) -> None:
-        super().start_epoch()
+        self.comm.reset()
+        self.steps = 0
         self.group_metrics = [
             EpochMetrics(self.family, lam) if live else None
             for lam, live in zip(self.lams, self.live, strict=True)
