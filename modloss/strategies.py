@@ -173,6 +173,35 @@ class Strategy:
             return torch.cat(outs, dim=1)
         return torch.zeros(self.model.num_members, 0, self.num_classes, device=x.device)
 
+    # --- the groups of a run: one here, several in a pack (modloss.pack.PackedStrategy)
+
+    def group_train_metrics(self) -> list[dict[str, Any] | None]:
+        """The epoch's training metrics of each group."""
+        return [self.train_metrics()]
+
+    def group_evaluate(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch_size: int,
+        keep_eta: bool,
+        groups: list[int] | None = None,
+    ) -> list[tuple[dict[str, Any], Tensor | None] | None]:
+        """:meth:`evaluate` of each group in ``groups`` (default: those not frozen)."""
+        return [self.evaluate(x, y, batch_size=batch_size, keep_eta=keep_eta)]
+
+    def group_state(self, g: int) -> dict[str, Tensor]:
+        """The ``state_dict`` of group ``g`` (views of this process's model)."""
+        return self.model.state_dict()
+
+    def load_group_state(self, g: int, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def freeze(self, g: int) -> None:
+        """Leave group ``g`` out of the loss and the metrics (it diverged or stopped); a
+        run of one group ends instead."""
+
     # --- checkpoints
 
     @property

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from modloss.data import (
 from modloss.files import check_writable_dir, load_checkpoint
 from modloss.models import EnsembleModel, create_model
 from modloss.names import CHECKPOINT_FILE, RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE
+from modloss.pack import PackedSGD, PackedStrategy, check_fusible
 from modloss.records import EpochRecord, RunResult
 from modloss.strategies import Strategy, make_strategy
 
@@ -59,6 +60,7 @@ __all__ = [
     "build_optimizer",
     "build_splits",
     "fit",
+    "fit_pack",
     "initial_results",
     "paper_lr",
 ]
@@ -189,130 +191,236 @@ def fit(
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config)
     run = strategy if isinstance(strategy, Strategy) else make_strategy(strategy)
-    out = Path(out_dir) if out_dir is not None else None
-    saved = _load_checkpoint(out, config, run) if out is not None else None
-    if saved is not None and saved["result"].is_complete(config.epochs):
-        return saved["result"]
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    return _fit([config], [out_dir], callbacks, progress, run)[0]
 
-    device = run.device(config.device)
-    splits = build_splits(config, device)
-    family = splits.info.family
-    full = build_model(config)
-    result = initial_results(config, full, run)
-    model = run.prepare(
-        full, device, family=family, lam=config.lam, num_classes=splits.info.num_classes
-    )
-    optimizer, scheduler = build_optimizer(config, model)
-    loader = build_loader(config, splits.train, device)
-    generator = loader.generator
-    best_model = None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"], generator)
-        best_model = saved["best_model"]
-        stored = saved["result"]
-        result = stored.model_copy(
+
+def fit_pack(
+    configs: Sequence[TrainConfig | dict[str, Any]],
+    out_dirs: Sequence[str | os.PathLike[str] | None] | None = None,
+    callbacks: Iterable[Callback] = (),
+    *,
+    progress: bool = False,
+) -> list[RunResult]:
+    """Train ``configs`` as one packed model on one device (:mod:`modloss.pack`) and return
+    their results, each equal (up to rounding) to :func:`fit` of that config alone.
+
+    The configs may differ only in :data:`~modloss.pack.FUSIBLE_KEYS` (else ``ValueError``
+    naming the key): every run sees the same batches and starts from its own weights. Each
+    run keeps its own best epoch, status and files in ``out_dirs[g]`` (the same files as
+    :func:`fit`, so either function resumes them); a run that diverges or is stopped by a
+    callback leaves the pack and the others go on. Calling ``fit_pack`` again with the same
+    ``out_dirs`` resumes the unfinished runs, which must be at the same epoch.
+    """
+    configs = [c if isinstance(c, TrainConfig) else TrainConfig.model_validate(c) for c in configs]
+    check_fusible(configs)
+    dirs = [None] * len(configs) if out_dirs is None else list(out_dirs)
+    if len(dirs) != len(configs):
+        raise ValueError(f"out_dirs: {len(dirs)} folders for {len(configs)} configs")
+    given = [Path(d).resolve() for d in dirs if d is not None]
+    if len(set(given)) != len(given):
+        raise ValueError(f"out_dirs: every run needs its own folder, got {dirs}")
+    return _fit(configs, dirs, callbacks, progress, PackedStrategy())
+
+
+class _Run:
+    """One run's part of the loop: its result, best weights and logits, and the model,
+    optimiser and scheduler its checkpoint holds (in a pack: a copy of its group)."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike[str] | None) -> None:
+        self.config = config
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.saved: dict[str, Any] | None = None
+        self.result: RunResult | None = None
+        self.best_model: dict[str, Tensor] | None = None
+        self.best_logits: dict[str, dict[str, Any]] = {}  # split -> saved dict, this process
+
+    def build(self, model: EnsembleModel) -> None:
+        self.model = model
+        self.optimizer, self.scheduler = build_optimizer(self.config, model)
+        if self.saved is None:
+            return
+        self.model.load_state_dict(self.saved["model"])
+        self.optimizer.load_state_dict(self.saved["optimizer"])
+        self.scheduler.load_state_dict(self.saved["scheduler"])
+        self.best_model = self.saved["best_model"]
+        stored = self.saved["result"]
+        self.result = stored.model_copy(
             update={
-                "config": config.model_dump(),
+                "config": self.config.model_dump(),
                 "status": "running",
                 "resumed_from": [*stored.resumed_from, stored.epochs_completed],
             }
         )
-    best_logits: dict[str, dict[str, Any]] = {}  # split -> saved dict, from this process
-    eval_size = config.eval_batch_size
 
-    def recompute() -> dict[str, dict[str, Any]]:
-        """The best epoch's logits from its weights (a resumed run that did not see it)."""
-        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(best_model)
+
+def _fit(
+    configs: list[TrainConfig],
+    out_dirs: list[str | os.PathLike[str] | None],
+    callbacks: Iterable[Callback],
+    progress: bool,
+    run: Strategy,
+) -> list[RunResult]:
+    """The loop of :func:`fit` (one run) and :func:`fit_pack` (a pack of runs)."""
+    runs = [_Run(c, d) for c, d in zip(configs, out_dirs, strict=True)]
+    for r in runs:
+        r.saved = _load_checkpoint(r.out, r.config, run) if r.out is not None else None
+        if r.saved is not None and r.saved["result"].is_complete(r.config.epochs):
+            r.result = r.saved["result"]
+    todo = [r for r in runs if r.result is None]
+    if not todo:
+        return [r.result for r in runs]
+    starts = [r.saved["result"].epochs_completed if r.saved else 0 for r in todo]
+    if len(set(starts)) > 1:
+        raise ValueError(
+            f"out_dirs: the unfinished runs are at different epochs {starts}; "
+            "resume them one by one with fit"
+        )
+    for r in todo:
+        if r.out is not None:
+            r.out.mkdir(parents=True, exist_ok=True)
+
+    lead, packed = todo[0].config, isinstance(run, PackedStrategy)
+    device = run.device(lead.device)
+    splits = build_splits(lead, device)
+    family, num_classes = splits.info.family, splits.info.num_classes
+    fulls = [build_model(r.config) for r in todo]
+    for r, full in zip(todo, fulls, strict=True):
+        r.result = initial_results(r.config, full, run)
+    if not packed:
+        kw = {"family": family, "lam": lead.lam, "num_classes": num_classes}
+        fulls = [run.prepare(fulls[0], device, **kw)]
+    for r, full in zip(todo, fulls, strict=True):
+        r.build(full)
+    if packed:
+        lams = [r.config.lam for r in todo]
+        model = run.prepare_pack(fulls, device, family=family, lams=lams, num_classes=num_classes)
+        shadows = [r.optimizer for r in todo]
+        optimizer = PackedSGD(model.parameters(), shadows, fulls[0].num_members)
+    else:
+        model, optimizer = fulls[0], todo[0].optimizer
+    loader = build_loader(lead, splits.train, device)
+    generator = loader.generator
+    if todo[0].saved is not None:
+        _set_rng_state(todo[0].saved["rng"], generator)  # the same in every run of a pack
+    eval_size = lead.eval_batch_size
+
+    def recompute(i: int) -> dict[str, dict[str, Any]]:
+        """The best epoch's logits of run i from its weights (a resumed run that did not
+        see that epoch)."""
+        r = todo[i]
+        current = {k: v.detach().clone() for k, v in run.group_state(i).items()}
+        run.load_group_state(i, r.best_model)
         logits = {}
         for split, pair in (("test", splits.test), ("val", splits.val)):
-            eta = run.evaluate(*pair, batch_size=eval_size, keep_eta=True)[1]
-            logits[split] = _logits(eta, pair, result.best_epoch, split, family)
-        model.load_state_dict(current)
+            out = run.group_evaluate(*pair, batch_size=eval_size, keep_eta=True, groups=[i])
+            logits[split] = _logits(out[i][1], pair, r.result.best_epoch, split, family)
+        run.load_group_state(i, current)
         return logits
 
-    def write(logits: bool) -> None:
-        if out is None:
+    def write(i: int, logits: bool) -> None:
+        r = todo[i]
+        if r.out is None:
             return
         if logits:
-            _write_logits(out, result, best_logits, recompute, run)
-        _write_state(out, result, model, optimizer, scheduler, generator, best_model, run)
+            _write_logits(r.out, r.result, r.best_logits, lambda: recompute(i), run)
+        if packed:
+            r.model.load_state_dict(run.group_state(i))
+            optimizer.export(i)
+        _write_state(
+            r.out, r.result, r.model, r.optimizer, r.scheduler, generator, r.best_model, run
+        )
 
-    start = result.epochs_completed
+    live = list(range(len(todo)))
+
+    def leave(i: int) -> None:
+        """Run i diverged or was stopped: write it and take it out of training."""
+        write(i, logits=True)
+        if todo[i].result.status == "diverged":
+            for callback in callbacks:
+                callback(todo[i].result, todo[i].out)
+        live.remove(i)
+        run.freeze(i)
+        if packed:
+            optimizer.freeze(i)
+
+    start = starts[0]
     bar = tqdm(
-        total=config.epochs * len(loader),
+        total=lead.epochs * len(loader),
         initial=start * len(loader),
         disable=not progress or not run.is_main,
         unit="batch",
-        desc=f"{config.model} lam={config.lam:g}",
+        desc=f"{lead.model} lam={lead.lam:g}" if len(todo) == 1 else f"{lead.model} x{len(todo)}",
     )
-    for epoch in range(start + 1, config.epochs + 1):
+    for epoch in range(start + 1, lead.epochs + 1):
         tic = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        train = _train_epoch(run, loader, optimizer, bar)
-        scheduler.step()
-        record = None
-        if _finite(train):
-            val, val_eta = run.evaluate(*splits.val, batch_size=eval_size, keep_eta=True)
-            improved = result.best_epoch is None or val["error"] < result.val_error
-            test, test_eta = run.evaluate(*splits.test, batch_size=eval_size, keep_eta=improved)
-            record = EpochRecord(
-                epoch=epoch,
-                lr=lr,
-                seconds=time.perf_counter() - tic,
-                train=train,
-                val=val,
-                test=test,
-                diversity_gap=train["ambiguity"] - val["ambiguity"],
-                comm_floats_per_step=run.comm_floats_per_step(),
-            )
-        if record is None or not record.is_finite():
-            result.status, result.diverged_epoch = "diverged", epoch
-            break
-        result.history.append(record)
-        result.epochs_completed = epoch
-        result.final_test_error = record.test.error
-        if improved:
-            result.best_epoch, result.val_error, result.test_error = (
-                epoch,
-                val["error"],
-                test["error"],
-            )
-            # The same natural parameters as the saved logits (categorical; else None).
-            result.val_ece, result.test_ece = val.get("ece"), test.get("ece")
-            result.val_brier, result.test_brier = val.get("brier"), test.get("brier")
-            best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if run.is_main:
-                best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}
-                best_logits["val"] = _logits(val_eta, splits.val, epoch, "val", family)
-        if epoch == config.epochs:
-            result.status = "finished"
-        bar.set_postfix(val_error=f"{val['error']:.4f}", best_epoch=result.best_epoch)
-        write(logits=result.status == "finished")
-        try:
-            for callback in callbacks:
-                callback(result, out)
-        except StopTraining:
-            if result.status != "finished":
-                result.status = "stopped"
+        lrs = [r.scheduler.get_last_lr()[0] for r in todo]
+        trains = _train_epoch(run, loader, optimizer, bar)
+        for i in live:
+            todo[i].scheduler.step()
+        finite = [i for i in live if _finite(trains[i])]
+        improved, vals, tests = {}, {}, {}
+        if finite:
+            vals = run.group_evaluate(*splits.val, batch_size=eval_size, keep_eta=True)
+            for i in finite:
+                best = todo[i].result
+                improved[i] = best.best_epoch is None or vals[i][0]["error"] < best.val_error
+            keep = any(improved.values())
+            tests = run.group_evaluate(*splits.test, batch_size=eval_size, keep_eta=keep)
+        for i in list(live):
+            r, result = todo[i], todo[i].result
+            record = None
+            if i in improved:
+                (val, val_eta), (test, test_eta) = vals[i], tests[i]
+                record = EpochRecord(
+                    epoch=epoch,
+                    lr=lrs[i],
+                    seconds=time.perf_counter() - tic,
+                    train=trains[i],
+                    val=val,
+                    test=test,
+                    diversity_gap=trains[i]["ambiguity"] - val["ambiguity"],
+                    comm_floats_per_step=run.comm_floats_per_step(),
+                )
+            if record is None or not record.is_finite():
+                result.status, result.diverged_epoch = "diverged", epoch
+                leave(i)
+                continue
+            result.history.append(record)
+            result.epochs_completed = epoch
+            result.final_test_error = record.test.error
+            if improved[i]:
+                result.best_epoch, result.val_error, result.test_error = (
+                    epoch,
+                    val["error"],
+                    test["error"],
+                )
+                # The same natural parameters as the saved logits (categorical; else None).
+                result.val_ece, result.test_ece = val.get("ece"), test.get("ece")
+                result.val_brier, result.test_brier = val.get("brier"), test.get("brier")
+                r.best_model = {k: v.detach().clone() for k, v in run.group_state(i).items()}
+                if run.is_main:
+                    r.best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}
+                    r.best_logits["val"] = _logits(val_eta, splits.val, epoch, "val", family)
+            if epoch == lead.epochs:
+                result.status = "finished"
+            bar.set_postfix(val_error=f"{val['error']:.4f}", best_epoch=result.best_epoch)
+            write(i, logits=result.status == "finished")
+            try:
+                for callback in callbacks:
+                    callback(result, r.out)
+            except StopTraining:
+                if result.status != "finished":
+                    result.status = "stopped"
+                    leave(i)
+        if not live:
             break
     bar.close()
-    if result.status in ("diverged", "stopped"):
-        write(logits=True)
-    if result.status == "diverged":
-        for callback in callbacks:
-            callback(result, out)
-    return result
+    return [r.result for r in runs]
 
 
 def _train_epoch(
     run: Strategy, loader: DeviceLoader, optimizer: torch.optim.Optimizer, bar: tqdm
-) -> dict[str, Any]:
+) -> list[dict[str, Any] | None]:
     """One pass of SGD over ``loader``; the metrics come from the same forward passes."""
     run.net.train()
     run.start_epoch()
@@ -322,7 +430,7 @@ def _train_epoch(
         loss.backward()
         optimizer.step()
         bar.update()
-    return run.train_metrics()
+    return run.group_train_metrics()
 
 
 def initial_results(config: TrainConfig, model: EnsembleModel, run: Strategy) -> RunResult:
