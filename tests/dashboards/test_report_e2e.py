@@ -211,7 +211,9 @@ def test_report_numbers_are_the_tracked_runs(report: Path, sweep: str):
     )
     assert "Every configuration of the sweep has a result." in (report / "report.html").read_text()
     # The metrics table carries each run's selected-epoch scalars as logged in MLflow.
-    metrics = pd.read_csv(report / "metrics_by_configuration.csv", index_col=["model", "λ"])
+    metrics = pd.read_csv(
+        report / "metrics_by_configuration.csv", index_col=["model", "λ"], dtype={"λ": str}
+    )
     for run in runs:
         tags, logged = run.data.tags, run.data.metrics
         row = metrics.loc[(tags["model"], f"{float(tags['lam']):g}")]
