@@ -25,7 +25,8 @@ def report(
         bool, typer.Option(help="Also log the files under report/ on the sweep's parent run.")
     ] = True,
 ) -> None:
-    """Regenerate Figs. 2, 3, 4, 5, 7, 10 and Tables 2, 5, 6 from a sweep's MLflow runs."""
+    """Regenerate Figs. 2, 3, 4, 5, 7, 10, the uncertainty figures (calibration, reliability,
+    collusion, rotation shift, OOD) and Tables 2, 5, 6 from a sweep's MLflow runs."""
     from dashboards.data import ExperimentNotFound, load_sweep
     from dashboards.report import ARTIFACT_PATH, build_report, log_report
     from modloss.files import check_writable_dir

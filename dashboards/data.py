@@ -4,8 +4,10 @@ The names read here are the ones ``orchestration.tracking`` writes: a parent run
 (tag ``modloss.role = sweep``, ``sweep_id``), one child run per trial (tags ``model``,
 ``num_members``, ``lam``, ``trial``, ``status``; summary metrics ``best_epoch``,
 ``val_error``, ``test_error`` ... at the best-validation epoch; per-epoch curves
-``epoch/...`` with step = epoch) and the per-trial CSV artifacts (``robustness.csv``,
-``specialists.csv``, ``member_entropy.csv``, ``confusion.csv``). Anything missing (a trial
+``epoch/...`` with step = epoch; the selected epoch's uncertainty scalars ``temperature``,
+``test_nll_scaled``, ``ood_auroc_msp`` ...) and the per-trial CSV artifacts
+(``robustness.csv``, ``specialists.csv``, ``member_entropy.csv``, ``confusion.csv``,
+``shift.csv``, ``reliability.csv``). Anything missing (a trial
 still running, an artifact never written) becomes absent rows, never an error: the report
 shows the gap.
 """
@@ -26,9 +28,13 @@ from modloss.names import (
     CONFUSION_CSV,
     MEMBER_ENTROPY_CSV,
     NUM_MEMBERS_TAG,
+    OOD_DATASET_TAG,
     PARENT_TAG,
+    RELIABILITY_CSV,
     ROBUSTNESS_CSV,
     ROLE_TAG,
+    SELECTED_EPOCH_METRICS,
+    SHIFT_CSV,
     SPECIALISTS_CSV,
     SUMMARY_METRICS,
     SWEEP_ID_TAG,
@@ -46,9 +52,21 @@ __all__ = [
     "load_sweep",
 ]
 
-RUN_COLUMNS = ["run_id", "model", "num_members", "lam", "trial", "status", *SUMMARY_METRICS]
+# One value per run: the summary and the selected epoch's uncertainty scalars.
+RUN_METRICS = (*SUMMARY_METRICS, *SELECTED_EPOCH_METRICS)
+RUN_COLUMNS = [
+    "run_id", "model", "num_members", "lam", "trial", "status", "ood_dataset", *RUN_METRICS
+]  # fmt: skip
 # Fig. 3: the test losses at the best-validation epoch (column: per-epoch curve).
 LOSS_METRICS = {"ensemble_nll": curve("test_ensemble_nll"), "member_nll": curve("test_member_nll")}
+# Learner collusion: the members' diversity (ambiguity, Eq. 6) on their training batches and
+# on held-out validation data at the best-validation epoch.
+DIVERSITY_METRICS = {
+    "train_ambiguity": curve("train_ambiguity"),
+    "val_ambiguity": curve("val_ambiguity"),
+}
+SHIFT_COLUMNS = ("angle", "accuracy", "nll", "ece", "member_accuracy", "member_ece")
+RELIABILITY_COLUMNS = ("lower", "upper", "count", "confidence", "accuracy")
 # Fig. 7: error over epochs, ensemble and members (column: per-epoch curve).
 CURVE_METRICS = {
     name: curve(name)
@@ -85,6 +103,18 @@ class SweepData:
     # model, lam, trial, ensemble_nll, member_nll
     losses: pd.DataFrame = field(
         default_factory=lambda: _empty("model", "lam", "trial", *LOSS_METRICS)
+    )
+    # model, lam, trial, train_ambiguity, val_ambiguity (at the best epoch)
+    diversity: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", *DIVERSITY_METRICS)
+    )
+    # model, lam, trial, angle, accuracy, nll, ece, member_... (test set rotated by angle)
+    shift: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", *SHIFT_COLUMNS)
+    )
+    # model, lam, trial, lower, upper, count, confidence, accuracy (test reliability bins)
+    reliability: pd.DataFrame = field(
+        default_factory=lambda: _empty("model", "lam", "trial", *RELIABILITY_COLUMNS)
     )
     # model, lam, trial, epoch, *CURVE_METRICS
     curves: pd.DataFrame = field(
@@ -182,9 +212,10 @@ def _child_runs(experiment_id: str, parent_run_id: str | None) -> pd.DataFrame:
             "lam": pd.to_numeric(_column(frame, "tags.lam"), errors="coerce"),
             "trial": pd.to_numeric(_column(frame, "tags.trial"), errors="coerce"),
             "status": _column(frame, "tags.status").fillna("unknown"),
+            "ood_dataset": _column(frame, f"tags.{OOD_DATASET_TAG}"),
         }
     )
-    for metric in SUMMARY_METRICS:
+    for metric in RUN_METRICS:
         runs[metric] = pd.to_numeric(_column(frame, f"metrics.{metric}"), errors="coerce")
     runs = runs.dropna(subset=["lam", "trial"]).astype({"trial": int})
     return runs.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
@@ -267,11 +298,14 @@ def _artifact_tables(
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _losses_at_best_epoch(client: MlflowClient, done: pd.DataFrame) -> pd.DataFrame:
-    history = _histories(client, done, LOSS_METRICS)
+def _at_best_epoch(
+    client: MlflowClient, done: pd.DataFrame, metrics: dict[str, str]
+) -> pd.DataFrame:
+    """The curves ``metrics`` (column -> MLflow metric) at each run's best epoch."""
+    history = _histories(client, done, metrics)
     best = done[["model", "lam", "trial", "best_epoch"]].rename(columns={"best_epoch": "epoch"})
     merged = history.merge(best, on=["model", "lam", "trial", "epoch"])
-    return merged[["model", "lam", "trial", *LOSS_METRICS]]
+    return merged[["model", "lam", "trial", *metrics]]
 
 
 def _robustness_curves(table: pd.DataFrame) -> pd.DataFrame:
@@ -312,7 +346,8 @@ def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = Non
         runs=runs,
     )
     done = data.done
-    data.losses = _losses_at_best_epoch(client, done)
+    data.losses = _at_best_epoch(client, done, LOSS_METRICS)
+    data.diversity = _at_best_epoch(client, done, DIVERSITY_METRICS)
     data.curves = _histories(client, first_trials(runs), CURVE_METRICS)
     with tempfile.TemporaryDirectory(prefix="modloss-report-") as tmp:
         workdir = Path(tmp)
@@ -329,6 +364,12 @@ def load_sweep(experiment: str, *, tracking_uri: str, sweep_id: str | None = Non
         confusion = _artifact_tables(client, single, CONFUSION_CSV, workdir)
         if not confusion.empty:
             data.confusion = confusion
+        shift = _artifact_tables(client, done, SHIFT_CSV, workdir)
+        if not shift.empty:
+            data.shift = shift
+        reliability = _artifact_tables(client, single, RELIABILITY_CSV, workdir)
+        if not reliability.empty:
+            data.reliability = reliability
     return data
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dashboards.data import SweepData, first_trials, fmt_lam
+from modloss.names import OOD_SCORES, ood_metric
 
 __all__ = [
     "EMPTY",
@@ -25,6 +26,11 @@ __all__ = [
     "fig5_specialists",
     "fig7_error_curves",
     "fig10_confusion",
+    "fig_calibration",
+    "fig_collusion",
+    "fig_ood",
+    "fig_reliability",
+    "fig_shift",
     "focus_model",
     "missing_cells",
 ]
@@ -382,6 +388,180 @@ def fig10_confusion(data: SweepData, *, model: str | None = None, members: int =
     return fig
 
 
+# --------------------------------------------------------------------------- uncertainty
+
+
+def _lacking(data: SweepData, frame: pd.DataFrame, what: str) -> list[str]:
+    """Notes naming the grid's (model, lam) cells without a result, then those with a
+    result but no rows in ``frame``."""
+    expected = set(map(tuple, data.done[["model", "lam"]].drop_duplicates().to_numpy()))
+    have = set(map(tuple, frame[["model", "lam"]].drop_duplicates().to_numpy()))
+    return _missing_note(missing_cells(data)) + _missing_note(sorted(expected - have), what)
+
+
+def _by_lam(ax, data: SweepData, frame: pd.DataFrame, column: str, label: str, **style) -> None:
+    s = _mean_se(frame.dropna(subset=[column]), ["lam"], column).sort_values("lam")
+    if len(s):
+        ax.errorbar(
+            s["lam"], s["mean"], yerr=s["se"].fillna(0), marker="o", capsize=3, label=label, **style
+        )
+
+
+def fig_calibration(data: SweepData) -> Figure:
+    """Test ECE (left) and test NLL (right) of the ensemble at the best-validation epoch
+    against λ, one line per configuration, dashed after temperature scaling."""
+    done = data.done
+    if done.empty or done["test_ece"].isna().all():
+        return _empty_figure("Calibration vs λ", "no test_ece logged by any finished run")
+    losses = data.losses
+    fig = Figure(figsize=(10, 4.2))
+    ece_ax, nll_ax = fig.subplots(1, 2)
+    for i, model in enumerate(_sorted_models(data, done["model"])):
+        runs, color = done[done["model"] == model], f"C{i}"
+        _by_lam(ece_ax, data, runs, "test_ece", model, color=color)
+        _by_lam(ece_ax, data, runs, "test_ece_scaled", f"{model}, T-scaled", color=color, ls="--")
+        _by_lam(nll_ax, data, losses[losses["model"] == model], "ensemble_nll", model, color=color)
+        _by_lam(nll_ax, data, runs, "test_nll_scaled", f"{model}, T-scaled", color=color, ls="--")
+    for ax, ylabel in ((ece_ax, "test ECE (15 bins)"), (nll_ax, "test NLL (nats)")):
+        _lam_axis(ax, data)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    ece_ax.set_title("Ensemble ECE vs λ (mean ± s.e.)")
+    nll_ax.set_title("Ensemble NLL vs λ (mean ± s.e.)")
+    gaps = _missing_note(missing_cells(data))
+    if done["temperature"].isna().all():
+        gaps.append("missing: no temperature-scaled metrics (selected_epoch.json) logged")
+    notes = _note(fig, gaps)
+    _bottom_margin(fig, notes)
+    return fig
+
+
+RELIABILITY_LAMS = (0.0, 0.95, 1.0)
+
+
+def fig_reliability(data: SweepData) -> Figure:
+    """Reliability diagrams of the ensemble on the test set at λ = 0, 0.95 and 1 (one trial,
+    rows are configurations): accuracy per confidence bin against the diagonal."""
+    rel = data.reliability
+    if rel.empty:
+        return _empty_figure("Reliability diagrams", "no reliability.csv artifacts logged")
+    models = _sorted_models(data, rel["model"])
+    fig = Figure(figsize=(3.2 * len(RELIABILITY_LAMS) + 0.4, 3.0 * len(models) + 0.5))
+    axes = fig.subplots(len(models), len(RELIABILITY_LAMS), squeeze=False)
+    lacking = []
+    for i, model in enumerate(models):
+        for j, lam in enumerate(RELIABILITY_LAMS):
+            ax = axes[i][j]
+            cell = rel[(rel["model"] == model) & np.isclose(rel["lam"].astype(float), lam)]
+            cell = cell[cell["trial"] == cell["trial"].min()] if len(cell) else cell
+            filled = cell[cell["count"] > 0]
+            ax.plot([0, 1], [0, 1], "k--", lw=1)
+            if filled.empty:
+                lacking.append((model, lam))
+                ax.text(0.5, 0.5, "missing", ha="center", color="firebrick")
+            else:
+                ax.bar(
+                    filled["lower"],
+                    filled["accuracy"],
+                    filled["upper"] - filled["lower"],
+                    align="edge",
+                    edgecolor="black",
+                )
+                n = filled["count"].sum()
+                gap = (filled["count"] * (filled["accuracy"] - filled["confidence"]).abs()).sum()
+                ax.set_title(f"{model} λ={fmt_lam(lam)}: ECE≈{gap / n:.3f}", fontsize="small")
+            ax.set(xlim=(0, 1), ylim=(0, 1))
+            ax.set_xlabel("confidence", fontsize="small")
+            ax.set_ylabel("accuracy", fontsize="small")
+            ax.tick_params(labelsize="x-small")
+    notes = _note(fig, _missing_note(lacking, "no reliability bins"), ["one trial per cell"])
+    _bottom_margin(fig, notes)
+    return fig
+
+
+def fig_collusion(data: SweepData) -> Figure:
+    """Learner collusion: the members' diversity (ambiguity, Eq. 6) on their training batches
+    and on held-out validation data at the best-validation epoch, against λ."""
+    div = data.diversity.dropna(subset=["train_ambiguity", "val_ambiguity"], how="all")
+    if div.empty:
+        return _empty_figure("Train vs held-out diversity", "no ambiguity curves logged")
+    models = _sorted_models(data, div["model"])
+    fig = Figure(figsize=(4.4 * len(models), 3.9))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        frame = div[div["model"] == model]
+        _by_lam(ax, data, frame, "train_ambiguity", "train (its own batches)")
+        _by_lam(ax, data, frame, "val_ambiguity", "held-out (validation)")
+        ax.set_title(model)
+        _lam_axis(ax, data)
+        ax.set_ylabel("ambiguity (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    notes = _note(fig, _lacking(data, div, "no ambiguity at the best epoch"))
+    _bottom_margin(fig, notes)
+    return fig
+
+
+def fig_shift(data: SweepData) -> Figure:
+    """Ensemble test accuracy (top) and ECE (bottom) on the test set rotated by 0 to 180
+    degrees, one line per λ, one column per configuration (mean ± s.e. over trials)."""
+    shift = data.shift
+    if shift.empty:
+        return _empty_figure("Accuracy and ECE under rotation", "no shift.csv artifacts logged")
+    models = _sorted_models(data, shift["model"])
+    fig = Figure(figsize=(4.6 * len(models), 6.6))
+    axes = fig.subplots(2, len(models), squeeze=False, sharex=True)
+    for j, model in enumerate(models):
+        frame = shift[shift["model"] == model]
+        for row, (column, ylabel) in enumerate(
+            (("accuracy", "test accuracy"), ("ece", "test ECE"))
+        ):
+            ax = axes[row][j]
+            for lam in sorted(frame["lam"].unique()):
+                s = _mean_se(frame[frame["lam"] == lam], ["angle"], column).sort_values("angle")
+                ax.errorbar(s["angle"], s["mean"], yerr=s["se"].fillna(0), marker=".",
+                            capsize=2, label=f"λ={fmt_lam(lam)}")  # fmt: skip
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(model)
+                ax.legend(fontsize="x-small")
+            else:
+                ax.set_xlabel("rotation (degrees)")
+    notes = _note(fig, _lacking(data, shift, "no shift curve"))
+    _bottom_margin(fig, notes)
+    return fig
+
+
+def fig_ood(data: SweepData) -> Figure:
+    """AUROC of telling the OOD digits from the test set by each score (max softmax,
+    predictive entropy, mutual information) against λ, one panel per configuration."""
+    done = data.done
+    columns = {score: ood_metric("auroc", score) for score in OOD_SCORES}
+    if done.empty or done[list(columns.values())].isna().all().all():
+        return _empty_figure("OOD detection vs λ", "no ood_auroc_* metrics logged")
+    models = _sorted_models(data, done["model"])
+    fig = Figure(figsize=(4.4 * len(models), 3.9))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        runs = done[done["model"] == model]
+        for score, column in columns.items():
+            _by_lam(ax, data, runs, column, score.replace("_", " "))
+        ax.axhline(0.5, color="grey", lw=1, ls=":")
+        ax.set_title(model)
+        _lam_axis(ax, data)
+        ax.set_ylabel("OOD AUROC")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    logged = done.dropna(subset=[columns["msp"]])
+    datasets = sorted(data.runs.get("ood_dataset", pd.Series(dtype=str)).dropna().unique())
+    info = [f"OOD set: {', '.join(datasets)}"] if datasets else []
+    notes = _note(fig, _lacking(data, logged, "no OOD metrics"), info)
+    _bottom_margin(fig, notes)
+    return fig
+
+
 FIGURES = {
     "fig2_test_error": ("Fig. 2: test error vs λ", fig2_test_error),
     "fig3_losses": ("Fig. 3: ensemble and member loss vs λ", fig3_losses),
@@ -389,4 +569,9 @@ FIGURES = {
     "fig5_specialists": ("Fig. 5: specialist members and sub-ensembles", fig5_specialists),
     "fig7_error_curves": ("Fig. 7: ensemble and member error over epochs", fig7_error_curves),
     "fig10_confusion": ("Fig. 10: per-member confusion matrices", fig10_confusion),
+    "fig_calibration": ("Calibration: ECE and NLL vs λ", fig_calibration),
+    "fig_reliability": ("Reliability diagrams at λ = 0, 0.95, 1", fig_reliability),
+    "fig_collusion": ("Learner collusion: train vs held-out diversity", fig_collusion),
+    "fig_shift": ("Accuracy and ECE under rotation", fig_shift),
+    "fig_ood": ("Out-of-distribution detection vs λ", fig_ood),
 }

@@ -19,6 +19,7 @@ __all__ = [
     "MISSING",
     "TABLES",
     "error_by_configuration",
+    "metrics_by_configuration",
     "table2_mlp",
     "table5_densenet",
     "table6_entropy",
@@ -84,6 +85,41 @@ def error_by_configuration(data: SweepData) -> pd.DataFrame:
         columns=[f"λ={fmt_lam(lam)}" for lam in lams],
     )
     return table
+
+
+def _mean_se(values: pd.Series) -> str:
+    """``mean ± s.e. (n=...)`` of a metric over trials, 4 significant digits; ``—`` if none."""
+    values = values.dropna().to_numpy(dtype=float)
+    if len(values) == 0:
+        return MISSING
+    if len(values) == 1:
+        return f"{values[0]:.4g} (n=1)"
+    se = values.std(ddof=1) / math.sqrt(len(values))
+    return f"{values.mean():.4g} ± {se:.2g} (n={len(values)})"
+
+
+def metrics_by_configuration(data: SweepData) -> pd.DataFrame:
+    """Every metric logged per run (the summary at the best-validation epoch, the test NLL
+    and the members' train / held-out diversity there, the selected epoch's uncertainty
+    scalars), one row per (model, λ): mean ± s.e. over trials."""
+    done = data.done
+    if done.empty:
+        return pd.DataFrame({"": ["no finished runs"]})
+    key = ["model", "lam", "trial"]
+    frame = done.merge(data.losses, on=key, how="left").merge(data.diversity, on=key, how="left")
+    frame = frame.rename(columns={"ensemble_nll": "test_ensemble_nll"})
+    frame = frame.rename(columns={"member_nll": "test_member_nll"})
+    skip = {*key, "run_id", "num_members", "status", "ood_dataset", "epochs_completed"}
+    metrics = [c for c in frame.columns if c not in skip and frame[c].notna().any()]
+    models = sorted(frame["model"].unique(), key=lambda m: (data.members(m), m))
+    rows = []
+    for model in models:
+        for lam in sorted(frame.loc[frame["model"] == model, "lam"].unique()):
+            cell = frame[(frame["model"] == model) & (frame["lam"] == lam)]
+            rows.append(
+                {"model": model, "λ": fmt_lam(lam), **{m: _mean_se(cell[m]) for m in metrics}}
+            )
+    return pd.DataFrame(rows).set_index(["model", "λ"])
 
 
 def table2_mlp(data: SweepData) -> pd.DataFrame:
@@ -161,4 +197,5 @@ TABLES = {
     "table5_densenet": ("Table 5", table5_densenet),
     "table6_entropy": ("Table 6", table6_entropy),
     "error_by_configuration": ("Test error by configuration", error_by_configuration),
+    "metrics_by_configuration": ("Every metric by configuration", metrics_by_configuration),
 }

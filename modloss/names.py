@@ -12,12 +12,21 @@ __all__ = [
     "CURVE_PREFIX",
     "MEMBER_ENTROPY_CSV",
     "NUM_MEMBERS_TAG",
+    "OOD_CSV",
+    "OOD_DATASET_TAG",
+    "OOD_SCORES",
     "PARENT_TAG",
     "RESULTS_CSV",
     "ROLE_TAG",
+    "RELIABILITY_CSV",
+    "RELIABILITY_PNG",
     "RESULTS_FILE",
     "ROBUSTNESS_CSV",
     "ROBUSTNESS_PNG",
+    "SELECTED_EPOCH_FILE",
+    "SELECTED_EPOCH_METRICS",
+    "SHIFT_ANGLE",
+    "SHIFT_CSV",
     "SHARD_CHECKPOINT_FILE",
     "SPECIALISTS_CSV",
     "SWEEP_ID_TAG",
@@ -26,8 +35,11 @@ __all__ = [
     "TEST_LOGITS_FILE",
     "TRIAL_ID_TAG",
     "TRIAL_ARTIFACTS",
+    "UNCERTAINTY_FILES",
     "VAL_LOGITS_FILE",
     "curve",
+    "ood_metric",
+    "shift_metric",
 ]
 
 # --- a run folder (modloss.train.fit's out_dir)
@@ -44,8 +56,21 @@ MEMBER_ENTROPY_CSV = "member_entropy.csv"
 CONFUSION_CSV = "confusion.csv"
 SPECIALISTS_CSV = "specialists.csv"
 ANALYSIS_TABLES = (MEMBER_ENTROPY_CSV, CONFUSION_CSV, SPECIALISTS_CSV)
+# Uncertainty at the selected (best-validation) epoch (modloss.uncertainty.selected_epoch):
+SHIFT_CSV = "shift.csv"  # shift_curve: one row per rotation angle
+OOD_CSV = "ood.csv"  # ood_report: one row per OOD score, with the OOD dataset's name
+RELIABILITY_CSV = "reliability.csv"  # reliability_bins of the test logits
+RELIABILITY_PNG = "reliability.png"  # plot_reliability of the test logits
+SELECTED_EPOCH_FILE = "selected_epoch.json"  # {"epoch", "ood_dataset", "metrics": {...}}
+UNCERTAINTY_FILES = (SHIFT_CSV, OOD_CSV, RELIABILITY_CSV, RELIABILITY_PNG, SELECTED_EPOCH_FILE)
 # The files of a trial that become artifacts of its MLflow child run.
-TRIAL_ARTIFACTS = (RESULTS_FILE, ROBUSTNESS_PNG, ROBUSTNESS_CSV, *ANALYSIS_TABLES)
+TRIAL_ARTIFACTS = (
+    RESULTS_FILE,
+    ROBUSTNESS_PNG,
+    ROBUSTNESS_CSV,
+    *ANALYSIS_TABLES,
+    *UNCERTAINTY_FILES,
+)
 
 # --- a sweep
 RESULTS_CSV = "results.csv"  # one row per trial, columns named as below
@@ -64,6 +89,34 @@ SUMMARY_METRICS = (
     "final_test_error",
     "epochs_completed",
 )
+# The OOD scores of modloss.uncertainty.ood_scores, and the rotation (degrees) whose
+# shifted metrics are logged as scalars (the whole curve is SHIFT_CSV).
+OOD_SCORES = ("msp", "entropy", "mutual_information")
+SHIFT_ANGLE = 90
+
+
+def ood_metric(measure: str, score: str) -> str:
+    """``"ood_<auroc|fpr95>_<score>"``, e.g. ``ood_metric("auroc", "msp") == "ood_auroc_msp"``."""
+    return f"ood_{measure}_{score}"
+
+
+def shift_metric(name: str, angle: int = SHIFT_ANGLE) -> str:
+    """``"rotated<angle>_<name>"``, e.g. ``shift_metric("accuracy") == "rotated90_accuracy"``."""
+    return f"rotated{angle}_{name}"
+
+
+# Scalars at the selected epoch (SELECTED_EPOCH_FILE's "metrics"; one value per MLflow child
+# run, step 0): the fitted temperature; the ensemble's test NLL before scaling and its test
+# NLL / ECE after (its ECE before is the summary's test_ece); AUROC and FPR at 95% TPR of
+# each OOD score; ensemble accuracy, NLL and ECE on the test set rotated by SHIFT_ANGLE.
+SELECTED_EPOCH_METRICS = (
+    "temperature",
+    "test_nll",
+    "test_nll_scaled",
+    "test_ece_scaled",
+    *(ood_metric(measure, score) for measure in ("auroc", "fpr95") for score in OOD_SCORES),
+    *(shift_metric(name) for name in ("accuracy", "nll", "ece")),
+)
 # Per-epoch curves are named "epoch/<split>_<metric>" (MLflow: step = epoch).
 CURVE_PREFIX = "epoch/"
 
@@ -81,3 +134,4 @@ SWEEP_ROLE = "sweep"
 SWEEP_ID_TAG = "sweep_id"  # parent and children
 TRIAL_ID_TAG = "trial_id"  # a child's Ray Tune trial id
 NUM_MEMBERS_TAG = "num_members"  # a child's model_args["num_members"]
+OOD_DATASET_TAG = "ood_dataset"  # a child's OOD set: "mnist" or the sklearn-digits fallback

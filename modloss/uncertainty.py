@@ -14,10 +14,12 @@ binning). Nothing here imports Ray or MLflow.
 - :func:`ood_scores`, :func:`auroc`, :func:`fpr_at_tpr`, :func:`ood_report`: MNIST (or
   scikit-learn's 8x8 digits when MNIST is absent) against the in-distribution test set.
 - :func:`reliability_bins`, :func:`plot_reliability`: the reliability diagram.
+- :func:`selected_epoch`: all of the above for one run's selected epoch, written as files.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -31,6 +33,17 @@ from torch import Tensor, nn
 
 from modloss.data import Splits, load_raw, rotate
 from modloss.metrics import ECE_BINS, calibration_gaps, confidence_bins, evaluate
+from modloss.names import (
+    OOD_CSV,
+    OOD_SCORES,
+    RELIABILITY_CSV,
+    RELIABILITY_PNG,
+    SELECTED_EPOCH_FILE,
+    SHIFT_ANGLE,
+    SHIFT_CSV,
+    ood_metric,
+    shift_metric,
+)
 
 __all__ = [
     "OOD_FALLBACK",
@@ -44,6 +57,7 @@ __all__ = [
     "ood_scores",
     "plot_reliability",
     "reliability_bins",
+    "selected_epoch",
     "shift_curve",
     "temperature_scale",
 ]
@@ -386,3 +400,63 @@ def plot_reliability(
     path = Path(path)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
     return path
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def selected_epoch(
+    model: nn.Module,
+    splits: Splits,
+    val: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    epoch: int,
+    data_dir: str | os.PathLike[str] | None = None,
+    title: str | None = None,
+) -> dict[str, float]:
+    """Every analysis of this module for one run at its selected epoch, written into
+    ``out_dir`` under the names of :mod:`modloss.names`.
+
+    ``model`` holds the selected epoch's weights and ``val`` / ``test`` are the
+    ``(eta, target)`` it produced (the logits :func:`modloss.train.fit` saves), so the
+    temperature and the reliability diagram need no new forward pass; the shift curve and
+    the OOD report run the model on ``splits.test`` (rotated) and on :func:`ood_images`.
+
+    Writes ``shift.csv`` (:func:`shift_curve`), ``ood.csv`` (:func:`ood_report`),
+    ``reliability.csv`` / ``reliability.png`` (the test logits' diagram) and
+    ``selected_epoch.json``: ``{"epoch", "ood_dataset", "metrics"}``, the metrics being
+    :data:`modloss.names.SELECTED_EPOCH_METRICS`, which it also returns.
+    """
+    out = Path(out_dir)
+    fit = temperature_scale(*val, *test)
+    fill = -splits.x_mean / splits.x_std  # the standardised black, per channel
+    shift = shift_curve(model, splits.test.x, splits.test.y, fill=fill)
+    shift.to_csv(out / SHIFT_CSV, index=False)
+    ood = ood_report(model, splits, data_dir=data_dir)
+    ood.to_csv(out / OOD_CSV, index=False)
+    reliability_bins(*test).to_csv(out / RELIABILITY_CSV, index=False)
+    plot_reliability(*test, out / RELIABILITY_PNG, title=title)
+
+    at_angle = shift[shift["angle"] == SHIFT_ANGLE]
+    by_score = ood.set_index("score")
+    metrics = {
+        "temperature": fit.temperature,
+        "test_nll": fit.nll_before,
+        "test_nll_scaled": fit.nll_after,
+        "test_ece_scaled": fit.ece_after,
+        **{
+            ood_metric(measure, score): float(by_score.loc[score, measure])
+            for measure in ("auroc", "fpr95")
+            for score in OOD_SCORES
+        },
+        **{
+            shift_metric(name): float(at_angle[name].iloc[0])
+            for name in ("accuracy", "nll", "ece")
+            if len(at_angle)
+        },
+    }
+    record = {"epoch": epoch, "ood_dataset": str(ood["ood_dataset"].iloc[0]), "metrics": metrics}
+    (out / SELECTED_EPOCH_FILE).write_text(json.dumps(record, indent=1))
+    return metrics

@@ -130,9 +130,11 @@ def _drop_corrupt_checkpoint(out_dir: Path) -> None:
 
 def _analysis_artifacts(out_dir: Path, train: Any) -> None:
     """Small summaries of the best epoch's saved logits, written next to fit's files so
-    that the final checkpoint carries them: the robustness curve (Fig. 4) and the tables of
-    :func:`orchestration.tracking.analysis_tables`. Computed here, in the trial's worker,
-    rather than on the driver, whose event loop schedules every trial."""
+    that the final checkpoint carries them: the robustness curve (Fig. 4), the tables of
+    :func:`orchestration.tracking.analysis_tables` and the uncertainty analyses of
+    :func:`_uncertainty_artifacts` (temperature, rotation shift, OOD, reliability).
+    Computed here, in the trial's worker, rather than on the driver, whose event loop
+    schedules every trial."""
     from modloss.analysis import load_logits, plot_robustness, robustness
 
     for name, table in analysis_tables(out_dir).items():
@@ -141,12 +143,50 @@ def _analysis_artifacts(out_dir: Path, train: Any) -> None:
         logits = load_logits(out_dir, "test")
     except FileNotFoundError:  # diverged in its first epoch
         return
-    if logits.family != "categorical" or logits.eta.shape[0] < 2:
+    if logits.family != "categorical":
+        return
+    title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
+    _uncertainty_artifacts(out_dir, train, logits, title)
+    if logits.eta.shape[0] < 2:
         return
     frame = robustness(logits.eta, logits.target)
     frame.to_csv(out_dir / ROBUSTNESS_CSV, index=False)
-    title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
     plot_robustness({f"λ={train.lam:g}": frame}, out_dir / ROBUSTNESS_PNG, title=title)
+
+
+def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> None:
+    """:func:`modloss.uncertainty.selected_epoch` of the best-validation epoch: its model
+    rebuilt from the checkpoint's ``best_model``, its splits reloaded on the CPU (the
+    analyses are a few forward passes). A module-parallel run (one checkpoint shard per
+    rank, no whole model) gets none."""
+    import torch
+
+    from modloss.analysis import load_logits
+    from modloss.files import load_checkpoint
+    from modloss.names import CHECKPOINT_FILE
+    from modloss.train import build_model, build_splits
+    from modloss.uncertainty import selected_epoch
+
+    path = out_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return
+    best = load_checkpoint(path).get("best_model")
+    if best is None:
+        return
+    model = build_model(train)
+    model.load_state_dict(best)
+    splits = build_splits(train, torch.device("cpu"))
+    val = load_logits(out_dir, "val")
+    selected_epoch(
+        model,
+        splits,
+        (val.eta, val.target),
+        (test.eta, test.target),
+        out_dir,
+        epoch=test.epoch,
+        data_dir=train.data_dir,
+        title=title,
+    )
 
 
 def _trial_name(trial: Trial) -> str:

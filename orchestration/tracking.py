@@ -30,8 +30,11 @@ from modloss.names import (
     CURVE_PREFIX,
     MEMBER_ENTROPY_CSV,
     NUM_MEMBERS_TAG,
+    OOD_DATASET_TAG,
     PARENT_TAG,
     ROLE_TAG,
+    SELECTED_EPOCH_FILE,
+    SELECTED_EPOCH_METRICS,
     SPECIALISTS_CSV,
     SUMMARY_METRICS,
     SWEEP_ID_TAG,
@@ -424,3 +427,22 @@ class TrialLogger(Callback):
                 if fs.get_file_info(source).type == pafs.FileType.File:
                     pafs.copy_files(source, f"{tmp}/{name}", source_filesystem=fs)
                     self.client.log_artifact(run_id, f"{tmp}/{name}")
+            selected = Path(tmp) / SELECTED_EPOCH_FILE
+            if selected.is_file():
+                self._log_selected_epoch(run_id, json.loads(selected.read_text()))
+
+    def _log_selected_epoch(self, run_id: str, record: Mapping[str, Any]) -> None:
+        """The scalars of the trial's uncertainty analyses at its selected epoch
+        (``selected_epoch.json``) as metrics of its run, step 0, and the OOD set as a tag."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = record.get("metrics", {})
+        metrics = [
+            Metric(k, float(values[k]), now, 0)
+            for k in SELECTED_EPOCH_METRICS
+            if isinstance(values.get(k), int | float) and math.isfinite(values[k])
+        ]
+        self.client.log_batch(run_id, metrics=metrics)
+        if "ood_dataset" in record:
+            self.client.set_tag(run_id, OOD_DATASET_TAG, str(record["ood_dataset"]))

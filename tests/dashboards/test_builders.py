@@ -18,6 +18,9 @@ from dashboards.figures import (
     fig2_test_error,
     fig4_robustness,
     fig10_confusion,
+    fig_ood,
+    fig_reliability,
+    fig_shift,
     focus_model,
     missing_cells,
 )
@@ -26,10 +29,12 @@ from dashboards.tables import (
     MISSING,
     TABLES,
     error_by_configuration,
+    metrics_by_configuration,
     table2_mlp,
     table5_densenet,
     table6_entropy,
 )
+from modloss.names import OOD_SCORES, ood_metric
 
 MODELS = {"16-M-64-H": 16, "256-M-4-H": 256}
 LAMS = [0.0, 0.95, 1.0]
@@ -46,6 +51,7 @@ def synthetic_sweep(drop: set[tuple[str, float]] = frozenset()) -> SweepData:
     have a still-running run."""
     rng = np.random.default_rng(0)
     runs, losses, curves, robust, spec, entropy, confusion = [], [], [], [], [], [], []
+    diversity, shift, reliability = [], [], []
     for model, m in MODELS.items():
         for lam in LAMS:
             for trial in TRIALS:
@@ -62,6 +68,15 @@ def synthetic_sweep(drop: set[tuple[str, float]] = frozenset()) -> SweepData:
                         "val_error": math.nan if running else err,
                         "test_error": math.nan if running else err,
                         "final_test_error": math.nan if running else err + 0.01,
+                        "test_ece": math.nan if running else 0.02 + 0.1 * lam,
+                        "test_ece_scaled": math.nan if running else 0.01 + 0.01 * lam,
+                        "test_nll_scaled": math.nan if running else 0.25 + lam,
+                        "temperature": math.nan if running else 1.0 + lam + 0.1 * trial,
+                        **{
+                            ood_metric("auroc", score): math.nan if running else 0.6 + 0.1 * i
+                            for i, score in enumerate(OOD_SCORES)
+                        },
+                        "ood_dataset": None if running else "sklearn-digits-8x8-upscaled",
                     }
                 )
                 for epoch in (1, 2, 3):
@@ -78,6 +93,21 @@ def synthetic_sweep(drop: set[tuple[str, float]] = frozenset()) -> SweepData:
                 if running:
                     continue
                 losses.append({**key, "ensemble_nll": 0.3 + lam, "member_nll": 0.5 + 2 * lam})
+                diversity.append({**key, "train_ambiguity": 0.2 + lam, "val_ambiguity": 0.2})
+                for angle in range(0, 181, 15):
+                    accuracy = (1 - err) * (1 - angle / 360)
+                    shift.append({**key, "angle": angle, "accuracy": accuracy, "ece": angle / 900})
+                for b in range(15):
+                    reliability.append(
+                        {
+                            **key,
+                            "lower": b / 15,
+                            "upper": (b + 1) / 15,
+                            "count": 0 if b < 5 else 10 * b,
+                            "confidence": (b + 0.5) / 15,
+                            "accuracy": (b + 0.5) / 15 - 0.05 * lam,
+                        }
+                    )
                 for dropped in (0, m // 2, m - 1):
                     robust.append({**key, "dropped": dropped, "accuracy": 1 - err - dropped / m})
                 for c in range(K):
@@ -116,6 +146,9 @@ def synthetic_sweep(drop: set[tuple[str, float]] = frozenset()) -> SweepData:
         specialists=pd.DataFrame(spec),
         entropy=pd.DataFrame(entropy),
         confusion=pd.DataFrame(confusion),
+        diversity=pd.DataFrame(diversity),
+        shift=pd.DataFrame(shift),
+        reliability=pd.DataFrame(reliability),
     )
 
 
@@ -265,3 +298,55 @@ def test_report_is_one_self_contained_html_with_every_figure(partial, tmp_path):
     assert "256-M-4-H λ=0.95" in page
     for path in [*report.figures.values(), *report.tables.values()]:
         assert path.is_file() and path.stat().st_size > 0
+
+
+def _errorbar_lines(ax) -> dict:
+    """The (x, y) points of each labelled errorbar series of ``ax``, by label."""
+    return {
+        c.get_label(): np.asarray(c.lines[0].get_xydata(), dtype=float)
+        for c in ax.containers
+        if hasattr(c, "has_xerr")
+    }
+
+
+def test_ood_figure_plots_each_scores_auroc_over_trials_and_names_the_set(partial):
+    fig = fig_ood(partial)
+    ax = fig.axes[0]  # 16-M-64-H, whose λ=0 has no result
+    lines = _errorbar_lines(ax)
+    assert set(lines) == {score.replace("_", " ") for score in OOD_SCORES}
+    assert list(lines["msp"][:, 0]) == [0.95, 1.0]
+    np.testing.assert_allclose(lines["entropy"][:, 1], [0.7, 0.7])
+    text = _note_text(fig)
+    assert "OOD set: sklearn-digits-8x8-upscaled" in text
+    assert "16-M-64-H λ=0" in text
+
+
+def test_reliability_figure_shows_the_three_lambdas_and_marks_the_missing_one(partial):
+    fig = fig_reliability(partial)
+    assert len(fig.axes) == 2 * 3  # two models x λ in {0, 0.95, 1}
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "256-M-4-H λ=1: ECE≈0.050" in titles
+    assert "missing (no reliability bins): 16-M-64-H λ=0, 256-M-4-H λ=0.95" in _note_text(fig)
+
+
+def test_shift_figure_has_accuracy_and_ece_per_angle_and_lambda(full):
+    fig = fig_shift(full)
+    accuracy = fig.axes[0]  # 16-M-64-H, top row
+    lines = _errorbar_lines(accuracy)
+    assert list(lines) == ["λ=0", "λ=0.95", "λ=1"]
+    x, y = lines["λ=0"][:, 0], lines["λ=0"][:, 1]
+    assert list(x) == list(range(0, 181, 15))
+    mean_error = np.mean([_error("16-M-64-H", 0.0, t) for t in TRIALS])
+    np.testing.assert_allclose(y, (1 - mean_error) * (1 - x / 360))
+
+
+def test_metrics_by_configuration_has_every_metric_as_mean_and_standard_error(partial):
+    table = metrics_by_configuration(partial)
+    assert ("16-M-64-H", "0") not in table.index  # no finished run there
+    cell = table.loc[("256-M-4-H", "1"), "temperature"]
+    temps = np.array([2.0 + 0.1 * t for t in TRIALS])
+    se = temps.std(ddof=1) / math.sqrt(len(temps))
+    assert cell == f"{temps.mean():.4g} ± {se:.2g} (n=3)"
+    for column in ("test_error", "test_ece", "test_ensemble_nll", "train_ambiguity"):
+        assert column in table.columns
+    assert table.loc[("16-M-64-H", "1"), "ood_auroc_msp"] == "0.6 ± 0 (n=3)"

@@ -119,7 +119,7 @@ def report(sweep: str, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "logged to run" in result.stdout
     # Every figure has data: the trials' CSV artifacts (robustness, specialists, entropy,
-    # confusion) were all logged and read back.
+    # confusion, shift, reliability) and selected-epoch metrics were all logged and read back.
     assert "nothing to draw yet" not in result.stderr, result.stderr
     return out
 
@@ -210,6 +210,15 @@ def test_report_numbers_are_the_tracked_runs(report: Path, sweep: str):
         f"{100 * joint[0].data.metrics['test_error']:.2f}% (n=1)"
     )
     assert "Every configuration of the sweep has a result." in (report / "report.html").read_text()
+    # The metrics table carries each run's selected-epoch scalars as logged in MLflow.
+    metrics = pd.read_csv(
+        report / "metrics_by_configuration.csv", index_col=["model", "λ"], dtype={"λ": str}
+    )
+    for run in runs:
+        tags, logged = run.data.tags, run.data.metrics
+        row = metrics.loc[(tags["model"], f"{float(tags['lam']):g}")]
+        for name in ("temperature", "test_ece_scaled", "ood_auroc_msp", "rotated90_accuracy"):
+            assert row[name] == f"{logged[name]:.4g} (n=1)"
     entropy = pd.read_csv(report / "table6_entropy.csv", index_col=0)
     assert entropy.index.name == "256-M-4-H"
     assert list(entropy.columns) == ["λ=0", "λ=1"]

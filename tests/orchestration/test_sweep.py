@@ -12,9 +12,20 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from modloss.names import RESULTS_FILE, TRIAL_ARTIFACTS, curve
+from modloss.names import (
+    OOD_CSV,
+    OOD_DATASET_TAG,
+    OOD_SCORES,
+    RESULTS_FILE,
+    SELECTED_EPOCH_FILE,
+    SELECTED_EPOCH_METRICS,
+    SHIFT_CSV,
+    TRIAL_ARTIFACTS,
+    curve,
+)
 from modloss.records import RunResult
-from orchestration.sweep import run_sweep
+from modloss.uncertainty import OOD_FALLBACK, ROTATIONS
+from orchestration.sweep import _analysis_artifacts, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +83,22 @@ def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, 
         assert tags["num_members"] == {"16-M-64-H": "16", "256-M-4-H": "256"}[row.model]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert set(TRIAL_ARTIFACTS) <= artifacts
+        # The selected epoch's uncertainty scalars are metrics of the run, as in its JSON.
+        files = tmp_path / "artifacts" / run.info.run_id
+        files.mkdir(parents=True)
+        record = json.loads(
+            Path(
+                client.download_artifacts(run.info.run_id, SELECTED_EPOCH_FILE, str(files))
+            ).read_text()
+        )
+        assert record["epoch"] == run.data.metrics["best_epoch"]
+        assert set(record["metrics"]) == set(SELECTED_EPOCH_METRICS)
+        for name in SELECTED_EPOCH_METRICS:
+            assert run.data.metrics[name] == pytest.approx(record["metrics"][name], rel=1e-12)
+        assert run.data.metrics["temperature"] > 0
+        ood = pd.read_csv(client.download_artifacts(run.info.run_id, OOD_CSV, str(files)))
+        assert list(ood["score"]) == list(OOD_SCORES)
+        assert set(ood["ood_dataset"]) == {tags[OOD_DATASET_TAG]} == {record["ood_dataset"]}
 
 
 def test_mlflow_test_error_is_the_best_epochs_when_the_best_epoch_is_not_the_last(
@@ -193,3 +220,44 @@ def test_crashing_trial_is_failed_not_left_running(
     assert run.data.tags["failures"] == "1"  # retried once (max_failures), then failed
     assert "corrupt" in run.data.tags["error"]  # the trial's own exception, recorded
     assert client.get_run(outcome.record.parent_run_id).info.status == "FAILED"
+
+
+def test_trial_analyses_at_the_selected_epoch(data_dir, tmp_path):
+    """The trial's uncertainty analyses describe its best-validation epoch: the temperature
+    is temperature_scale's on the saved logits, the unrotated shift point is the logged
+    test accuracy and NLL at the best epoch, and the OOD table names its dataset."""
+    from modloss.analysis import load_logits
+    from modloss.train import TrainConfig, fit
+    from modloss.uncertainty import temperature_scale
+
+    config = TrainConfig.model_validate(
+        {"model": "16-M-64-H", "lam": 0.5, "epochs": 2, "subset": 600, "data_dir": str(data_dir)}
+    )
+    result = fit(config, out_dir=tmp_path)
+    _analysis_artifacts(tmp_path, config)
+
+    record = json.loads((tmp_path / SELECTED_EPOCH_FILE).read_text())
+    assert record["epoch"] == result.best_epoch
+    val, test = load_logits(tmp_path, "val"), load_logits(tmp_path, "test")
+    fitted = temperature_scale(val.eta, val.target, test.eta, test.target)
+    metrics = record["metrics"]
+    assert metrics["temperature"] == fitted.temperature
+    assert metrics["test_nll_scaled"] == fitted.nll_after <= fitted.nll_before
+    assert metrics["test_ece_scaled"] == fitted.ece_after
+    best = result.history[result.best_epoch - 1].test
+    assert metrics["test_nll"] == pytest.approx(best.ensemble_nll, rel=1e-5)
+
+    shift = pd.read_csv(tmp_path / SHIFT_CSV)
+    assert tuple(shift["angle"]) == ROTATIONS
+    upright = shift.iloc[0]
+    assert upright["accuracy"] == pytest.approx(1 - result.test_error, abs=1e-9)
+    assert upright["nll"] == pytest.approx(best.ensemble_nll, rel=1e-5)
+    assert metrics["rotated90_accuracy"] == shift.set_index("angle").loc[90, "accuracy"]
+    # Rotating Fashion-MNIST hurts: upside down is worse than upright.
+    assert shift.set_index("angle").loc[180, "accuracy"] < upright["accuracy"]
+
+    ood = pd.read_csv(tmp_path / OOD_CSV)
+    assert list(ood["score"]) == list(OOD_SCORES)
+    expected = "mnist" if (data_dir / "mnist" / "t10k-images-idx3-ubyte.gz").is_file() else None
+    assert set(ood["ood_dataset"]) == {expected or OOD_FALLBACK} == {record["ood_dataset"]}
+    assert ood["auroc"].between(0, 1).all() and ood["fpr95"].between(0, 1).all()
