@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -355,8 +356,12 @@ def _fit(
         tic = time.perf_counter()
         lrs = [r.scheduler.get_last_lr()[0] for r in todo]
         trains = _train_epoch(run, loader, optimizer, bar)
-        for i in live:
-            todo[i].scheduler.step()
+        with warnings.catch_warnings():
+            # In a pack, PackedSGD steps for the runs' own SGDs, which torch then believes
+            # never stepped ("lr_scheduler.step() before optimizer.step()"): not so here.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            for i in live:
+                todo[i].scheduler.step()
         finite = [i for i in live if _finite(trains[i])]
         improved, vals, tests = {}, {}, {}
         if finite:
