@@ -233,15 +233,12 @@ def _longest_first(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     trials in grid order, and ending on the short trials rather than a long one running
     alone shortens the sweep (smoke: 256-member trials take about twice a 16-member one's
     time). Member count is a proxy for cost within a model family only."""
-    from modloss.models import create_model
+    from modloss.models import num_members
 
-    members: dict[str, int] = {}
-    for cfg in grid:
-        key = f"{cfg['model']} {cfg.get('model_overrides')}"
-        if key not in members:  # building one model is cheap (tens of ms)
-            overrides = cfg.get("model_overrides") or {}
-            members[key] = create_model(cfg["model"], seed=0, **overrides).num_members
-    return sorted(grid, key=lambda c: -members[f"{c['model']} {c.get('model_overrides')}"])
+    def members(cfg: dict[str, Any]) -> int:
+        return num_members(cfg["model"], **(cfg.get("model_overrides") or {}))
+
+    return sorted(grid, key=lambda c: -members(c))
 
 
 def _tune_config(space: SearchSpace) -> Any:

@@ -379,13 +379,12 @@ class TrialLogger(Callback):
     def _create(self, trial: Trial, config: Mapping[str, Any]) -> str:
         from mlflow.entities import Param
 
-        from modloss.models import create_model
+        from modloss.models import num_members
         from orchestration.spaces import train_config
 
         if config.get("lr") is None:  # a sampled point on the paper's preset: resolve it
             config = train_config(config)  # (grid points arrive validated, lr resolved)
-        overrides = config.get("model_overrides") or {}
-        members = create_model(config["model"], seed=0, **overrides).num_members
+        members = num_members(config["model"], **(config.get("model_overrides") or {}))
         tags = {
             PARENT_TAG: self.record.parent_run_id,
             SWEEP_ID_TAG: self.record.sweep_id,

@@ -5,7 +5,7 @@ Every model returns member natural parameters ``(M, N, K)`` and accepts
 """
 
 from modloss.models._base import EnsembleModel, MemberSelection, member_generator
-from modloss.models._registry import create_model, list_models, register_model
+from modloss.models._registry import create_model, list_models, num_members, register_model
 from modloss.models.cnn import EnsembleCNN
 from modloss.models.densenet import EnsembleDenseNet
 from modloss.models.mlp import EnsembleMLP
@@ -19,5 +19,6 @@ __all__ = [
     "create_model",
     "list_models",
     "member_generator",
+    "num_members",
     "register_model",
 ]

@@ -11,7 +11,9 @@ argument overridden.
 """
 
 import fnmatch
+import functools
 import inspect
+import json
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -55,6 +57,17 @@ def create_model(name: str, *, seed: int | None = None, **overrides: Any) -> Ens
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(_MODELS)}")
     return _MODELS[name](seed=seed, **overrides)
+
+
+def num_members(name: str, **overrides: Any) -> int:
+    """The ensemble size of the registered model ``name`` with ``overrides`` (built once per
+    name and overrides, then remembered)."""
+    return _num_members(name, json.dumps(overrides, sort_keys=True))
+
+
+@functools.cache
+def _num_members(name: str, overrides: str) -> int:
+    return create_model(name, seed=0, **json.loads(overrides)).num_members
 
 
 def build_model(

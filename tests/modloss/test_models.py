@@ -17,6 +17,7 @@ from modloss.models import (
     EnsembleModel,
     create_model,
     list_models,
+    num_members,
     register_model,
 )
 
@@ -301,3 +302,10 @@ def test_bad_member_selections_are_refused(members, message):
         model(torch.randn(2, 3), members=members)
     with pytest.raises(ValueError, match="j must be an int in"):
         model.member(4)
+
+
+def test_num_members_is_the_built_models_member_count() -> None:
+    for name in list_models():
+        assert num_members(name) == create_model(name, seed=0).num_members, name
+    assert num_members("256-M-4-H", num_members=3, hidden=2) == 3  # overrides apply
+    assert num_members("256-M-4-H") == 256  # not the remembered overridden one
