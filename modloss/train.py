@@ -558,9 +558,9 @@ def _write_state(
 
 def _load_checkpoint(out: Path, config: TrainConfig, run: Strategy) -> dict[str, Any] | None:
     path = check_writable_dir(out, what="run folder") / run.checkpoint_file
-    found = path.exists()
-    if not all(run.agree(found)):
-        if any(run.agree(found)):
+    found = run.agree(path.exists())  # every rank's answer, from one collective
+    if not all(found):
+        if any(found):
             raise ValueError(f"{out}: some ranks have their checkpoint and others not")
         return None
     saved = load_checkpoint(path)
