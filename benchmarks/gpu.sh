@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh fetch   # here: wheels the device lacks into .whl/, Fashion-MNIST into data/
 #   bash benchmarks/gpu.sh run     # there: installs .whl/, runs the CUDA benchmarks, logs to $OUT
 #   bash benchmarks/gpu.sh run-fit # there, a second call: fit on CUDA, single/module/ddp (NCCL)
+#   bash benchmarks/gpu.sh run-pack # there, a third call: packed steps and the Table 2 estimate
 #
 # The device's python3 holds torch with CUDA, pandas, matplotlib, tqdm, typer and pyyaml but
 # not pydantic or platformdirs; nothing can be downloaded there. Both folders are git-ignored:
@@ -67,9 +68,24 @@ run_fit() {
   timeout 240 python3 benchmarks/bench_epoch.py --device cuda 2>&1 | tee "$out/bench_epoch.txt"
 }
 
+# A third call: packing (issue 11) on CUDA, eager and compiled, and the full Table 2 grid
+# estimated from measured epochs of fit and fit_pack.
+run_pack() {
+  local out=${OUT:-/tmp/gpu-figures}
+  mkdir -p "$out"
+  setup
+  timeout 150 python3 benchmarks/bench_pack.py --device cuda 2>&1 | tee "$out/bench_pack.txt"
+  timeout 220 python3 benchmarks/bench_pack.py --device cuda --table2 2>&1 |
+    tee "$out/bench_pack_table2.txt"
+  # Last: torch.compile is the likeliest to fail on the device's older torch.
+  timeout 200 python3 benchmarks/bench_pack.py --device cuda --compile --quick 2>&1 |
+    tee "$out/bench_pack_compiled.txt"
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   run) run ;;
   run-fit) run_fit ;;
-  *) echo "usage: bash benchmarks/gpu.sh fetch|run|run-fit" >&2; exit 2 ;;
+  run-pack) run_pack ;;
+  *) echo "usage: bash benchmarks/gpu.sh fetch|run|run-fit|run-pack" >&2; exit 2 ;;
 esac
