@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dashboards.data import SweepData, first_trials, fmt_lam
+from modloss.config import PAPER_LRS
 from modloss.names import OOD_SCORES, ood_metric
 
 __all__ = [
@@ -29,10 +30,12 @@ __all__ = [
     "fig_calibration",
     "fig_collusion",
     "fig_ood",
+    "fig_pareto",
     "fig_reliability",
     "fig_shift",
     "focus_model",
     "missing_cells",
+    "non_dominated",
 ]
 
 # The configuration the paper uses for its single-model figures (Fig. 10, Table 6).
@@ -562,6 +565,100 @@ def fig_ood(data: SweepData) -> Figure:
     return fig
 
 
+# --------------------------------------------------------------------------- Pareto front
+
+PARETO_OBJECTIVES = ("val_error", "val_dropped_error")  # search_spaces/fmnist_pareto.yaml's
+PAPER_LAMS = tuple(PAPER_LRS["16-M-64-H"])  # the paper's MLP grid (Table 2): 0, 0.5, ..., 1
+# A paper λ is marked on the trial nearest to it only if that trial is this close.
+PAPER_LAM_TOLERANCE = 0.05
+PARETO_GID = "pareto_front"  # the gid of each panel's front line: what the tests read back
+
+
+def non_dominated(values: np.ndarray) -> np.ndarray:
+    """Which rows of ``values`` ``(n, d)`` no other row dominates, all objectives
+    minimised: row i is dominated when some row is <= it in every column and < in one.
+    Rows with a NaN are neither on the front nor dominate. Equal rows are all kept."""
+    values = np.asarray(values, dtype=float)
+    ok = ~np.isnan(values).any(axis=1)
+    a, b = values[:, None, :], values[None, :, :]  # (n, 1, d) against (1, n, d)
+    dominates = (b <= a).all(-1) & (b < a).any(-1) & ok[None, :]  # [i, j]: j dominates i
+    return ok & ~dominates.any(1)
+
+
+def fig_pareto(data: SweepData) -> Figure:
+    """Validation error against validation error with 90% of the members dropped at the
+    best-validation epoch, one point per trial coloured by λ, one panel per configuration;
+    the non-dominated trials joined as a staircase, and the trials nearest the paper's λ
+    values marked with a star and their own λ."""
+    done = data.done
+    if done.empty or any(c not in done or done[c].isna().all() for c in PARETO_OBJECTIVES):
+        return _empty_figure(
+            "Pareto front: error vs dropped-member error", "no val_dropped_error logged"
+        )
+    runs = done.dropna(subset=list(PARETO_OBJECTIVES))
+    models = _sorted_models(data, runs["model"])
+    fig = Figure(figsize=(5.2 * len(models) + 0.8, 4.6))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    unmarked = []
+    for ax, model in zip(axes, models, strict=True):
+        frame = runs[runs["model"] == model]
+        x, y = (100 * frame[c].to_numpy(float) for c in PARETO_OBJECTIVES)
+        lam = frame["lam"].to_numpy(float)
+        front = non_dominated(np.column_stack([x, y]))
+        points = ax.scatter(x, y, c=lam, cmap="viridis", vmin=0, vmax=1, s=28)
+        order = np.argsort(x[front], kind="stable")
+        ax.plot(
+            x[front][order],
+            y[front][order],
+            color="black",
+            drawstyle="steps-post",
+            marker="o",
+            mfc="none",
+            ms=9,
+            gid=PARETO_GID,
+            label="Pareto front",
+        )
+        marked: set[int] = set()  # one star per trial, however many paper λ it is nearest
+        for paper in PAPER_LAMS:
+            nearest = int(np.argmin(np.abs(lam - paper)))
+            if abs(lam[nearest] - paper) > PAPER_LAM_TOLERANCE:
+                unmarked.append(f"{model} λ={fmt_lam(paper)}")
+                continue
+            if nearest in marked:
+                continue
+            star = (x[nearest], y[nearest])
+            label = None if marked else "nearest a paper λ (its λ)"
+            ax.scatter(
+                *star,
+                marker="*",
+                s=260,
+                facecolors="none",
+                edgecolors="firebrick",
+                linewidths=1.2,
+                label=label,
+                zorder=3,
+            )
+            ax.annotate(
+                f"{lam[nearest]:.3g}",
+                star,
+                xytext=(5, 5),
+                textcoords="offset points",
+                fontsize="x-small",
+                color="firebrick",
+            )
+            marked.add(nearest)
+        ax.set_title(f"{model} ({data.members(model)} members)")
+        ax.set_xlabel("validation error (%)")
+        ax.set_ylabel("validation error, 90% of members dropped (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    far = f"paper λ without a trial within {PAPER_LAM_TOLERANCE:g}: {', '.join(unmarked)}"
+    notes = _note(fig, _missing_note(missing_cells(data)), [far] if unmarked else [])
+    fig.colorbar(points, ax=axes[-1], label="λ", fraction=0.05)  # within tight_layout's grid
+    _bottom_margin(fig, notes)
+    return fig
+
+
 FIGURES = {
     "fig2_test_error": ("Fig. 2: test error vs λ", fig2_test_error),
     "fig3_losses": ("Fig. 3: ensemble and member loss vs λ", fig3_losses),
@@ -574,4 +671,5 @@ FIGURES = {
     "fig_collusion": ("Learner collusion: train vs held-out diversity", fig_collusion),
     "fig_shift": ("Accuracy and ECE under rotation", fig_shift),
     "fig_ood": ("Out-of-distribution detection vs λ", fig_ood),
+    "fig_pareto": ("Pareto front: error vs error with 90% of members dropped", fig_pareto),
 }

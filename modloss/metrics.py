@@ -25,6 +25,9 @@ Calibration (categorical only), with ``p = softmax(eta_bar)`` the ensemble predi
 - ``disagreement``: ``(1/N) sum_i (1/M) sum_j [argmax p_ij != argmax p_i]``, the mean
   fraction of members that disagree with the ensemble's class.
 
+Robustness to dropped members: :func:`dropped_error` is the ensemble's error with 90% of
+its members dropped at random, :func:`kept_members` (ceil(M / 10), at least one, kept).
+
 Module dominance (the paper's section 4.2): ``dominance_gap`` is the best member's error
 minus the ensemble's error. Independent members make an ensemble clearly better than its
 best member (large gap); when one module carries the ensemble the gap shrinks towards zero
@@ -43,13 +46,16 @@ from torch import Tensor, nn
 from modloss.losses import FAMILIES, member_nll, predict
 
 __all__ = [
+    "DROP_PERCENT",
     "ECE_BINS",
     "MEMBER_KEYS",
     "NEAR_CHANCE_FRACTION",
     "EpochMetrics",
     "calibration_gaps",
     "confidence_bins",
+    "dropped_error",
     "evaluate",
+    "kept_members",
     "member_entropy",
 ]
 
@@ -59,6 +65,9 @@ NEAR_CHANCE_FRACTION = 0.9
 # Equal-width confidence bins of the ECE: 15, as Guo et al., Ovadia et al. and
 # torch-uncertainty use.
 ECE_BINS = 15
+# dropped_error: the share of members dropped, in percent (the paper's Fig. 4 reads its
+# robustness at ~90% dropped).
+DROP_PERCENT = 90
 # Softmax numerators below exp(-40) are dropped to it (see _softmax_stats): their squares
 # stay normal floats (> 1.2e-38) in float32.
 _LOG_TINY = -40.0
@@ -470,6 +479,31 @@ def _error_summary(
         "dominance_gap": member_errors.min().item() - error,
         "members_near_chance": int((member_errors >= NEAR_CHANCE_FRACTION * chance).sum().item()),
     }
+
+
+def kept_members(num_members: int, seed: int) -> Tensor:
+    """The member ids that survive dropping :data:`DROP_PERCENT` % of ``num_members`` at
+    random: ``ceil(M * (100 - DROP_PERCENT) / 100)`` of them (at least one), drawn uniformly
+    by a generator seeded with ``seed``, sorted. int64 ``(kept,)``."""
+    if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
+        raise ValueError(f"num_members must be a positive int, got {num_members!r}")
+    keep = max(1, -(-num_members * (100 - DROP_PERCENT) // 100))  # ceil, in integers
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_members, generator=generator)[:keep].sort().values
+
+
+@torch.no_grad()
+def dropped_error(eta: Tensor, target: Tensor, kept: Tensor, family: str = "categorical") -> float:
+    """The ensemble error (as ``error`` of :meth:`EpochMetrics.compute`) of the members
+    ``kept`` (ids into the first dimension of ``eta`` ``(M, N, K)``) alone: the
+    misclassification rate of the argmax of their mean logits, or the RMSE of their
+    ensemble mean (regression). ``target`` is moved to ``eta``'s device."""
+    sub = eta.index_select(0, kept.to(eta.device))  # (kept, N, K)
+    target = target.to(eta.device)
+    if family == "categorical":
+        return (sub.mean(0).argmax(-1) != target).double().mean().item()
+    pred = predict(sub, family)  # (N, K)
+    return (pred - target.reshape(pred.shape).to(pred.dtype)).double().square().mean().sqrt().item()
 
 
 @torch.no_grad()

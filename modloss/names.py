@@ -86,6 +86,7 @@ SUMMARY_METRICS = (
     "test_ece",
     "val_brier",
     "test_brier",
+    "val_dropped_error",
     "final_test_error",
     "epochs_completed",
 )

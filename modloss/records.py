@@ -67,6 +67,11 @@ class SplitMetrics(_Record):
     disagreement: float | None = Field(
         None, description="Mean fraction of members whose class differs from the ensemble's."
     )
+    dropped_error: float | None = Field(
+        None,
+        description="Validation only: the ensemble error of the members kept when 90% are "
+        "dropped at random (modloss.metrics.kept_members; the same members every epoch).",
+    )
     members_near_chance: int | None = Field(
         None, description="Members whose error is within 10% of chance level."
     )
@@ -142,6 +147,9 @@ class RunResult(_Record):
     test_ece: float | None = Field(None, description="Test ECE at best_epoch.")
     val_brier: float | None = Field(None, description="Validation Brier score at best_epoch.")
     test_brier: float | None = Field(None, description="Test Brier score at best_epoch.")
+    val_dropped_error: float | None = Field(
+        None, description="Validation error with 90% of the members dropped, at best_epoch."
+    )
     final_test_error: float | None = Field(description="Test error at the last epoch completed.")
     diverged_epoch: int | None = Field(description="The epoch whose metrics were not finite.")
     epochs_completed: int = Field(description="Epochs trained and recorded in history.")

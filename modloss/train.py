@@ -15,6 +15,9 @@ is seeded by i in :func:`modloss.data.load_splits`.
 Train metrics are accumulated from the training forward passes themselves (detached, in
 train mode, while the weights move during the epoch) rather than from a second pass over
 the training set; validation and test metrics come from an eval-mode pass after the epoch.
+The validation ``dropped_error`` (90% of the members dropped at random) comes from that
+pass's logits too; its kept members are drawn once per run from a seed derived from the
+trial alone, so they are the same members every epoch, on every rank, for every lambda.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from modloss.data import (
     random_crop_flip,
 )
 from modloss.files import check_writable_dir, load_checkpoint
+from modloss.metrics import dropped_error, kept_members
 from modloss.models import EnsembleModel, create_model
 from modloss.names import CHECKPOINT_FILE, RESULTS_FILE, TEST_LOGITS_FILE, VAL_LOGITS_FILE
 from modloss.pack import PackedSGD, PackedStrategy, check_fusible
@@ -73,6 +77,9 @@ _AUGMENTED_BY_DEFAULT = frozenset({"cifar10", "cifar100"})
 _RESUMABLE_KEYS = frozenset({"epochs", "device", "data_dir"})
 # Seed streams derived from the trial; kept apart so init and shuffling never share draws.
 _INIT_STREAM, _SHUFFLE_STREAM = 0, 1
+# The members kept by the validation dropped_error are drawn from a seed of their own,
+# above every 2 * trial + stream (so they are the same for every λ of a trial).
+_KEPT_SEED = 2**62
 
 
 def _seed(trial: int, stream: int) -> int:
@@ -234,6 +241,7 @@ class _Run:
         self.result: RunResult | None = None
         self.best_model: dict[str, Tensor] | None = None
         self.best_logits: dict[str, dict[str, Any]] = {}  # split -> saved dict, this process
+        self.kept: Tensor | None = None  # the members of the validation dropped_error
 
     def build(self, model: EnsembleModel) -> None:
         self.model = model
@@ -287,6 +295,8 @@ def _fit(
     fulls = [build_model(r.config) for r in todo]
     for r, full in zip(todo, fulls, strict=True):
         r.result = initial_results(r.config, full, run)
+        # Global member ids, drawn before a strategy shards the members.
+        r.kept = kept_members(full.num_members, _KEPT_SEED + r.config.trial)
     if not packed:
         kw = {"family": family, "lam": lead.lam, "num_classes": num_classes}
         fulls = [run.prepare(fulls[0], device, **kw)]
@@ -304,6 +314,7 @@ def _fit(
     if todo[0].saved is not None:
         _set_rng_state(todo[0].saved["rng"], generator)  # the same in every run of a pack
     eval_size = lead.eval_batch_size
+    val_target = splits.val.y.cpu()  # the kept validation logits are on the host
 
     def recompute(i: int) -> dict[str, dict[str, Any]]:
         """The best epoch's logits of run i from its weights (a resumed run that did not
@@ -367,6 +378,8 @@ def _fit(
         if finite:
             vals = run.group_evaluate(*splits.val, batch_size=eval_size, keep_eta=True)
             for i in finite:
+                val, val_eta = vals[i]  # every member's logits, gathered on every rank
+                val["dropped_error"] = dropped_error(val_eta, val_target, todo[i].kept, family)
                 best = todo[i].result
                 improved[i] = best.best_epoch is None or vals[i][0]["error"] < best.val_error
             keep = any(improved.values())
@@ -402,6 +415,7 @@ def _fit(
                 # The same natural parameters as the saved logits (categorical; else None).
                 result.val_ece, result.test_ece = val.get("ece"), test.get("ece")
                 result.val_brier, result.test_brier = val.get("brier"), test.get("brier")
+                result.val_dropped_error = val["dropped_error"]
                 r.best_model = {k: v.detach().clone() for k, v in run.group_state(i).items()}
                 if run.is_main:
                     r.best_logits = {"test": _logits(test_eta, splits.test, epoch, "test", family)}

@@ -11,10 +11,13 @@ from typing import Any
 from modloss.names import SUMMARY_METRICS
 from modloss.records import RunResult
 
-__all__ = ["METRIC", "MODE", "epoch_report", "summary_report"]
+__all__ = ["METRIC", "MODE", "OBJECTIVES", "epoch_report", "summary_report"]
 
 METRIC = "val_error"  # model selection only ever sees validation
 MODE = "min"
+# The summary metrics a search may minimise (search.objectives): the validation ones, all
+# lower-is-better, all at the best-validation epoch.
+OBJECTIVES = tuple(name for name in SUMMARY_METRICS if name.startswith("val_"))
 
 
 def epoch_report(result: RunResult) -> dict[str, Any]:
@@ -30,9 +33,10 @@ def epoch_report(result: RunResult) -> dict[str, Any]:
 
 
 def summary_report(result: RunResult) -> dict[str, Any]:
-    """The trial's closing report (``summary: True``). Searchers read the objective from
-    the last report, so a run that did not finish has none (NaN)."""
+    """The trial's closing report (``summary: True``). Searchers read their objectives
+    from the last report (Optuna its every objective, at the best-validation epoch), so a
+    run that did not finish has none (NaN)."""
     report = {**epoch_report(result), "summary": True}
     if result.status != "finished":
-        report[METRIC] = math.nan
+        report.update(dict.fromkeys(OBJECTIVES, math.nan))
     return report

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from modloss.config import TrainConfig
+from orchestration.reports import METRIC, OBJECTIVES
 
 __all__ = [
     "SETTINGS",
@@ -184,11 +185,28 @@ class GridSearch(_Section):
 
 
 class OptunaSearch(_Section):
-    """Optuna TPE over the ranges (and lists, as categorical choices) of the space."""
+    """Optuna over the ranges (and lists, as categorical choices) of the space, minimising
+    each of ``objectives`` (trial summary metrics, validation only). ``sampler``: ``tpe``
+    (with several objectives Optuna's multi-objective TPE) or ``nsga2`` (NSGA-II)."""
 
     type: Literal["optuna"]
     num_samples: PositiveInt
     seed: NonNegativeInt = 0
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    objectives: Annotated[list[str], Field(min_length=1)] = [METRIC]
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in OBJECTIVES:
+                raise ValueError(
+                    f"{name!r} is not a metric a search may minimise; allowed: "
+                    f"{', '.join(OBJECTIVES)} (validation only: selection never sees test)"
+                )
+        if len(set(v)) < len(v):
+            raise ValueError(f"an objective is listed twice: {v}")
+        return v
 
 
 class NoScheduler(_Section):
@@ -342,6 +360,12 @@ class SearchSpace(_Section):
                             "(add that λ or a 'default' to its row)"
                         )
         self._configs = _train_configs(self.points())
+        if isinstance(self.scheduler, Asha) and len(self.objectives) > 1:
+            raise ValueError(
+                f"scheduler: ASHA stops trials on one metric, but search.objectives has "
+                f"{len(self.objectives)} ({', '.join(self.objectives)}); use scheduler type "
+                "'none' for a multi-objective search"
+            )
         if isinstance(self.scheduler, Asha):
             max_t = self.scheduler.max_t or self.epochs
             if max_t > self.epochs or self.scheduler.grace_period > max_t:
@@ -354,6 +378,12 @@ class SearchSpace(_Section):
     @property
     def trial_ids(self) -> list[int]:
         return list(range(self.trials)) if isinstance(self.trials, int) else list(self.trials)
+
+    @property
+    def objectives(self) -> list[str]:
+        """The summary metrics the search minimises (a grid has none to choose by but
+        :data:`orchestration.reports.METRIC`)."""
+        return [METRIC] if isinstance(self.search, GridSearch) else list(self.search.objectives)
 
     @property
     def device(self) -> str:

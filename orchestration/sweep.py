@@ -245,12 +245,22 @@ def _tune_config(space: SearchSpace) -> Any:
     from ray import tune
 
     search_alg, num_samples = None, 1
+    metric, mode = METRIC, MODE
     if not isinstance(space.search, GridSearch):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        sampler = optuna.samplers.TPESampler(seed=space.search.seed)
-        search_alg = OptunaSearch(sampler=sampler)
+        samplers = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler}
+        sampler = samplers[space.search.sampler](seed=space.search.seed)
+        objectives = space.objectives
+        if len(objectives) == 1:
+            search_alg, metric = OptunaSearch(sampler=sampler), objectives[0]
+        else:
+            # Ray's OptunaSearch holds several objectives itself: a TuneConfig metric
+            # would replace them by one (and the schema refuses ASHA, which needs one).
+            modes = [MODE] * len(objectives)
+            search_alg = OptunaSearch(sampler=sampler, metric=objectives, mode=modes)
+            metric = mode = None
         num_samples = space.search.num_samples
     scheduler = None
     if isinstance(space.scheduler, Asha):
@@ -267,8 +277,8 @@ def _tune_config(space: SearchSpace) -> Any:
             stop_last_trials=max_t < space.epochs,
         )
     return tune.TuneConfig(
-        metric=METRIC,
-        mode=MODE,
+        metric=metric,
+        mode=mode,
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=num_samples,

@@ -15,14 +15,17 @@ import pytest
 from dashboards.data import SweepData, first_trials
 from dashboards.figures import (
     FIGURES,
+    PARETO_GID,
     fig2_test_error,
     fig4_robustness,
     fig10_confusion,
     fig_ood,
+    fig_pareto,
     fig_reliability,
     fig_shift,
     focus_model,
     missing_cells,
+    non_dominated,
 )
 from dashboards.report import build_report
 from dashboards.tables import (
@@ -66,6 +69,7 @@ def synthetic_sweep(drop: set[tuple[str, float]] = frozenset()) -> SweepData:
                         "status": "running" if running else "finished",
                         "best_epoch": math.nan if running else 3,
                         "val_error": math.nan if running else err,
+                        "val_dropped_error": math.nan if running else err + 0.3 * (1 - lam),
                         "test_error": math.nan if running else err,
                         "final_test_error": math.nan if running else err + 0.01,
                         "test_ece": math.nan if running else 0.02 + 0.1 * lam,
@@ -350,3 +354,52 @@ def test_metrics_by_configuration_has_every_metric_as_mean_and_standard_error(pa
     for column in ("test_error", "test_ece", "test_ensemble_nll", "train_ambiguity"):
         assert column in table.columns
     assert table.loc[("16-M-64-H", "1"), "ood_auroc_msp"] == "0.6 ± 0 (n=3)"
+
+
+def _slow_front(points: np.ndarray) -> set[int]:
+    """The rows no other row dominates, by the definition, one pair at a time."""
+    front = set()
+    for i, p in enumerate(points):
+        if not any(all(q <= p) and any(q < p) for j, q in enumerate(points) if j != i):
+            front.add(i)
+    return front
+
+
+def test_non_dominated_keeps_exactly_the_pareto_front():
+    points = np.array([[1, 5], [2, 2], [3, 1], [2, 3], [4, 4], [1, 5], [0.5, 6], [3, 1.5]])
+    front = non_dominated(points)
+    # [2, 3] is dominated by [2, 2] (equal in one objective), [4, 4] by [2, 2], [3, 1.5] by
+    # [3, 1]; the two equal [1, 5] dominate neither each other nor are dominated.
+    assert np.flatnonzero(front).tolist() == [0, 1, 2, 5, 6]
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        cloud = rng.integers(0, 6, size=(30, 2)).astype(float)  # many ties
+        assert set(np.flatnonzero(non_dominated(cloud))) == _slow_front(cloud)
+    with_nan = np.array([[np.nan, 0.0], [1.0, 1.0]])
+    assert non_dominated(with_nan).tolist() == [False, True]
+
+
+def drawn_fronts(fig) -> dict[str, np.ndarray]:
+    """Each panel's drawn Pareto front: its title, and the (x, y) points of its front line."""
+    return {
+        ax.get_title(): np.asarray(line.get_xydata(), dtype=float)
+        for ax in fig.axes
+        for line in ax.lines
+        if line.get_gid() == PARETO_GID
+    }
+
+
+def test_pareto_figure_draws_each_configurations_non_dominated_trials(full):
+    fig = fig_pareto(full)
+    fronts = drawn_fronts(fig)
+    assert set(fronts) == {f"{m} ({n} members)" for m, n in MODELS.items()}
+    for model, members in MODELS.items():
+        runs = full.done[full.done["model"] == model]
+        points = 100 * runs[["val_error", "val_dropped_error"]].to_numpy(float)
+        want = points[sorted(_slow_front(points))]
+        got = fronts[f"{model} ({members} members)"]
+        assert sorted(map(tuple, got)) == sorted(map(tuple, want))
+    # λ 0, 0.95 and 1 are in the sweep and starred; 0.5 ... 0.9 have no trial within 0.05.
+    stars = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert sorted(stars) == ["0", "0", "0.95", "0.95", "1", "1"]
+    assert "λ=0.5" in _note_text(fig) and "λ=0.95" not in _note_text(fig)

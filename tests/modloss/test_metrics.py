@@ -16,7 +16,9 @@ from modloss.metrics import (
     EpochMetrics,
     calibration_gaps,
     confidence_bins,
+    dropped_error,
     evaluate,
+    kept_members,
     member_entropy,
 )
 
@@ -323,3 +325,50 @@ def test_an_empty_batch_gives_a_zero_state_that_merges_away() -> None:
     parts = [state, _state(eta, target, "categorical")]
     merged = EpochMetrics.merged(parts, over="examples", family="categorical", lam=0.5)
     _assert_same_metrics(merged.compute(), _computed(eta, target, "categorical", 0.5))
+
+
+@pytest.mark.parametrize(
+    ("members", "kept"), [(1, 1), (6, 1), (10, 1), (11, 2), (16, 2), (30, 3), (256, 26)]
+)
+def test_kept_members_keep_a_tenth_rounded_up_drawn_by_the_seed(members: int, kept: int) -> None:
+    ids = kept_members(members, seed=3)
+    assert len(ids) == kept and len(set(ids.tolist())) == kept
+    assert ids.tolist() == sorted(ids.tolist()) and ids.min() >= 0 and ids.max() < members
+    assert torch.equal(ids, kept_members(members, seed=3))  # reproducible
+    if members >= 16:  # another seed, another draw (C(16, 2) = 120 subsets)
+        assert not torch.equal(ids, kept_members(members, seed=4))
+
+
+def test_kept_members_cover_every_member_over_seeds() -> None:
+    seen = torch.cat([kept_members(16, seed) for seed in range(200)])
+    assert set(seen.tolist()) == set(range(16))  # uniform, not a fixed prefix
+
+
+def _slow_dropped_error(eta: torch.Tensor, target: torch.Tensor, kept: list[int]) -> float:
+    wrong = 0
+    for i in range(eta.shape[1]):
+        mean = sum(eta[j, i] for j in kept) / len(kept)
+        wrong += int(int(mean.argmax()) != int(target[i]))
+    return wrong / eta.shape[1]
+
+
+def test_dropped_error_matches_a_loop_over_the_kept_members() -> None:
+    eta, target = _categorical()
+    for kept in ([2], [0, 5], [1, 3, 4]):
+        got = dropped_error(eta, target, torch.tensor(kept))
+        assert got == pytest.approx(_slow_dropped_error(eta, target, kept), abs=1e-12)
+    # Keeping every member gives the ensemble's own error; one member, that member's.
+    metrics = _computed(eta, target, "categorical", 0.5)
+    assert dropped_error(eta, target, torch.arange(M)) == pytest.approx(metrics["error"])
+    assert dropped_error(eta, target, torch.tensor([4])) == pytest.approx(
+        metrics["member_errors"][4]
+    )
+
+
+@pytest.mark.parametrize("family", ["gaussian", "poisson"])
+def test_regression_dropped_error_is_the_rmse_of_the_kept_members(family: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    eta, y = 0.3 * torch.randn(M, N, 2, generator=g), torch.rand(N, 2, generator=g)
+    kept = torch.tensor([1, 4])
+    metrics = _computed(eta[kept], y, family, 0.5)
+    assert dropped_error(eta, y, kept, family) == pytest.approx(metrics["error"], rel=1e-6)

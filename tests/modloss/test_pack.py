@@ -92,6 +92,7 @@ def _max_error_gap(packed: RunResult, alone: RunResult) -> float:
     gaps = [abs(packed.test_error - alone.test_error), abs(packed.val_error - alone.val_error)]
     for a, b in zip(packed.history, alone.history, strict=True):
         gaps += [abs(getattr(a, s).error - getattr(b, s).error) for s in ("train", "val", "test")]
+        gaps.append(abs(a.val.dropped_error - b.val.dropped_error))  # the same kept members
         assert a.lr == b.lr
     return max(gaps)
 

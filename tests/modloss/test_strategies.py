@@ -62,6 +62,8 @@ def _assert_same_run(got: RunResult, want: RunResult) -> None:
             assert sa.loss == pytest.approx(sb.loss, rel=1e-5, abs=1e-6), split
             assert sa.error == pytest.approx(sb.error, abs=1e-9), split
             assert sa.member_errors == pytest.approx(sb.member_errors, abs=1e-9), split
+        # The same global members kept, whichever rank holds them.
+        assert a.val.dropped_error == pytest.approx(b.val.dropped_error, abs=1e-9)
 
 
 def test_module_parallel_under_torchrun_equals_one_process_and_resumes(tmp_path, data_dir):

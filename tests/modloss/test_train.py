@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 import modloss.train
 from modloss.data import Splits, TensorPair
+from modloss.metrics import kept_members
 from modloss.records import EpochRecord, RunResult
 from modloss.train import (
     StopTraining,
@@ -150,6 +151,14 @@ def test_fit_reports_selection_on_validation_and_saves_logits(
     assert (results.val_ece, results.val_brier) == (best.val.ece, best.val.brier)
     for entry in history:  # the collusion signal: train diversity beyond held-out diversity
         assert entry.diversity_gap == pytest.approx(entry.train.ambiguity - entry.val.ambiguity)
+    # Validation error with 90% of the members dropped: the 2 of 16 members drawn from the
+    # trial's own seed, from the same validation logits.
+    kept = kept_members(16, modloss.train._KEPT_SEED + 0)
+    wrong = val["eta"][kept].mean(0).argmax(-1) != val["target"]
+    assert results.val_dropped_error == pytest.approx(wrong.double().mean().item())
+    assert results.val_dropped_error == best.val.dropped_error
+    assert all(e.val.dropped_error is not None for e in history)
+    assert all(e.train.dropped_error is None and e.test.dropped_error is None for e in history)
 
 
 def test_resume_reproduces_an_uninterrupted_run(

@@ -47,6 +47,19 @@ BAD_SPACES = [
     ("optimizer-section", {"optimizer": {"momentum": 0.5}}, ["'optimizer'", "unknown", "momentum"]),
     ("bad-setting", {"momentum": 1.0}, ["momentum", "1.0", "less than 1"]),
     ("late-milestone", {"milestones": [2, 5]}, ["milestones", "[5]", "below epochs (3)"]),
+    (
+        "test-objective",
+        {"search": {"type": "optuna", "num_samples": 2, "objectives": ["test_error"]}},
+        ["search.objectives", "test_error", "val_error"],
+    ),
+    (
+        "asha-multi-objective",
+        {
+            "search": {"type": "optuna", "num_samples": 2, "objectives": ["val_error", "val_ece"]},
+            "scheduler": {"type": "asha"},
+        },
+        ["ASHA", "val_ece", "'none'"],
+    ),
 ]
 
 

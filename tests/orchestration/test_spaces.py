@@ -77,6 +77,43 @@ def test_optuna_space_is_sampled():
         space.grid()
 
 
+def test_pareto_space_minimises_error_and_dropped_error():
+    space = load_space(SPACES / "fmnist_pareto.yaml")
+    assert space.objectives == ["val_error", "val_dropped_error"]
+    assert space.scheduler.type == "none" and space.lam.low == 0 and space.lam.high == 1
+    assert load_space(SPACES / "fmnist_optuna.yaml").objectives == ["val_error"]  # default
+    assert load_space(SPACES / "fmnist_smoke.yaml").objectives == ["val_error"]  # a grid's
+
+
+OPTUNA = {"type": "optuna", "num_samples": 2}
+
+
+@pytest.mark.parametrize(
+    ("search", "scheduler", "named"),
+    [
+        ({**OPTUNA, "objectives": ["val_error", "test_error"]}, None,
+         ["search.objectives", "'test_error'", "allowed: val_error,", "val_dropped_error"]),
+        ({**OPTUNA, "objectives": ["val_error", "val_error"]}, None, ["listed twice"]),
+        ({**OPTUNA, "objectives": []}, None, ["search.objectives", "at least 1"]),
+        ({**OPTUNA, "sampler": "cmaes"}, None, ["search.sampler", "'cmaes'", "'tpe'", "'nsga2'"]),
+        ({**OPTUNA, "objectives": ["val_error", "val_dropped_error"]},
+         {"type": "asha", "grace_period": 1},
+         ["ASHA", "2 (val_error, val_dropped_error)", "'none'"]),
+    ],
+)  # fmt: skip
+def test_bad_objectives_and_samplers_are_refused(make_space, search, scheduler, named):
+    changes = {"search": search} | ({"scheduler": scheduler} if scheduler else {})
+    with pytest.raises(SpaceError) as err:
+        load_space(make_space(**changes))
+    for text in named:
+        assert text in str(err.value)
+
+
+def test_asha_keeps_a_single_objective(make_space):
+    changes = {"search": {**OPTUNA, "objectives": ["val_ece"]}, "scheduler": {"type": "asha"}}
+    assert load_space(make_space(**changes)).objectives == ["val_ece"]
+
+
 def test_gpu_fraction_sets_the_device(make_space):
     space = load_space(make_space(resources={"cpus": 1, "gpus": 0.25}))
     assert {cfg["device"] for cfg in space.grid()} == {"cuda"}

@@ -25,7 +25,9 @@ from modloss.names import (
 )
 from modloss.records import RunResult
 from modloss.uncertainty import OOD_FALLBACK, ROTATIONS
-from orchestration.sweep import _analysis_artifacts, run_sweep
+from orchestration.reports import summary_report
+from orchestration.spaces import load_space
+from orchestration.sweep import _analysis_artifacts, _tune_config, param_space, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -191,6 +193,52 @@ def test_optuna_search_with_asha(local_ray, mlflow_server, make_space, tmp_path)
         assert {"robustness.png", "specialists.csv", "results.json"} <= artifacts
         path = client.download_artifacts(run.info.run_id, "results.json", str(tmp_path))
         assert json.loads(Path(path).read_text())["epochs_completed"] == EPOCHS
+
+
+def _result(status: str, val_error: float, val_dropped_error: float) -> RunResult:
+    return RunResult(
+        status=status,
+        best_epoch=1,
+        val_error=val_error,
+        test_error=0.3,
+        val_dropped_error=val_dropped_error,
+        final_test_error=0.3,
+        diverged_epoch=None if status == "finished" else 2,
+        epochs_completed=2,
+        params=1,
+        model_args={"num_members": 64},
+        config={},
+    )
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_optuna_is_told_both_objectives_of_the_summary(make_space, sampler):
+    """What a multi-objective sweep hands Ray's OptunaSearch, driven as Tune drives it:
+    both objectives of each trial's last report (the summary, best-validation epoch), and
+    none for a run that did not finish."""
+    import optuna
+
+    search = {"type": "optuna", "sampler": sampler, "num_samples": 2, "seed": 0,
+              "objectives": ["val_error", "val_dropped_error"]}  # fmt: skip
+    space = load_space(make_space(base="fmnist_pareto.yaml", search=search))
+    config = _tune_config(space)
+    assert (config.metric, config.mode) == (None, None)  # one TuneConfig metric replaces both
+    searcher = config.search_alg
+    assert searcher.set_search_properties(config.metric, config.mode, param_space(space))
+    for trial, result in (
+        ("a", _result("finished", 0.2, 0.5)),
+        ("b", _result("diverged", 0.1, 0.1)),
+    ):
+        assert 0 <= searcher.suggest(trial)["train"]["lam"] <= 1
+        searcher.on_trial_complete(trial, result=summary_report(result))
+    study = searcher._ot_study
+    kind = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler}[sampler]
+    assert isinstance(study.sampler, kind)
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    finished, diverged = study.trials
+    assert finished.values == [0.2, 0.5]
+    # Optuna refuses the NaN objectives (Ray logs it): the sampler learns nothing from it.
+    assert diverged.state != optuna.trial.TrialState.COMPLETE and diverged.values is None
 
 
 def test_crashing_trial_is_failed_not_left_running(
