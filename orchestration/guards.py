@@ -373,13 +373,18 @@ def _added_points(
 ) -> list[dict[str, Any]]:
     """The grid points of ``space`` beyond the stored space's, when it keeps all of those
     and differs only in the sweep's dimensions; else none."""
+    from pydantic import ValidationError
+
     from orchestration.spaces import GridSearch, SearchSpace
 
     if any(k.split(".", 1)[0] not in _GRID_KEYS for k in changed):
         return []
     if not isinstance(space.search, GridSearch):
         return []
-    before = SearchSpace.model_validate({**stored, "name": space.name}).grid()
+    try:
+        before = SearchSpace.model_validate({**stored, "name": space.name}).grid()
+    except ValidationError:  # stored by another version of the schema: refused as a change
+        return []
     now = space.grid()
     if any(point not in now for point in before):  # a point removed or changed
         return []

@@ -373,7 +373,6 @@ def _run_locked(
         print(guards.added_message(space, added), file=out, flush=True)
 
     import ray
-    from ray import tune
 
     from orchestration.tracking import SweepTracker
 
@@ -412,13 +411,7 @@ def _run_locked(
                 _tuner(space, part, record, points, resume=_experiment_started(part)).fit()
                 if _interrupted(part):  # Ctrl-C or FailFast: the rest waits for --resume
                     break
-            trials = [
-                trial
-                for part, _ in parts
-                if _experiment_started(part)
-                for trial in tune.ExperimentAnalysis(str(part)).trials
-            ]
-            table = results_table(trials)
+            table = results_table([trial for part, _ in parts for trial in _trials(part)])
             table.to_csv(csv, index=False)
         finally:
             # Also after a second Ctrl-C (KeyboardInterrupt): no run is left RUNNING.
@@ -440,16 +433,23 @@ def _parts(exp_dir: Path) -> list[tuple[Path, list[dict[str, Any]] | None]]:
     return [(exp_dir, None), *((exp_dir / e["name"], e["points"]) for e in extensions)]
 
 
-def _interrupted(part: Path) -> bool:
-    """Whether the Tune experiment at ``part`` stopped before all its trials ended."""
+def _trials(part: Path) -> list[Trial]:
+    """The trials of the Tune experiment at ``part``: none before it saved its first state
+    (a driver killed as it started one)."""
     from ray import tune
 
+    if not any(part.glob("experiment_state-*.json")):
+        return []
+    return tune.ExperimentAnalysis(str(part)).trials
+
+
+def _interrupted(part: Path) -> bool:
+    """Whether the Tune experiment at ``part`` stopped before all its trials ended."""
     from orchestration.failfast import stopped
 
     if stopped() is not None:
         return True
-    table = results_table(tune.ExperimentAnalysis(str(part)).trials)
-    return bool(table["status"].isin(["interrupted", "pending"]).any())
+    return bool(results_table(_trials(part))["status"].isin(["interrupted", "pending"]).any())
 
 
 def _tuner(

@@ -155,6 +155,31 @@ def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, da
     assert {e.comm_floats_per_step for e in results.history} == {results.params}
 
 
+def test_a_run_whose_newest_checkpoint_is_corrupt_starts_over(tmp_path, data_dir):
+    """A Train run that failed after its checkpoint was damaged (a truncated copy, a full
+    disk) is not stuck on it: fit again under its name, it trains from scratch and ends as
+    fit does. (How a retried or resumed distributed sweep trial continues its Train run.)"""
+    config = _config(MLP, 2, data_dir)
+    spec = DistributedConfig(strategy="ddp", num_workers=2)
+    marker = tmp_path / "killed-once"
+
+    def die_once(epoch: int, metrics: dict, rank: int) -> None:
+        if rank == 0 and epoch == 1 and not marker.exists():
+            marker.touch()
+            time.sleep(DIE_AFTER_S)
+            os._exit(1)
+
+    with pytest.raises(ray.train.WorkerGroupError):
+        fit_distributed(
+            config, spec, storage_path=tmp_path, name="ddp", worker_callbacks=[die_once]
+        )
+    newest = sorted((tmp_path / "ddp").glob(f"epoch-*/{CHECKPOINT_FILE}"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    results = fit_distributed(config, spec, storage_path=tmp_path, name="ddp")
+    assert results.status == "finished" and results.resumed_from == []
+    _assert_history_matches_fit(results.history, fit(config).history)
+
+
 def test_sweep_runs_each_trial_of_a_distributed_space_on_ray_train(
     mlflow_server, make_space, tmp_path
 ):
