@@ -29,7 +29,7 @@ from modloss.records import RunResult
 from modloss.train import TrainConfig, build_model
 from orchestration.reports import epoch_report, summary_report
 from orchestration.spaces import Distributed
-from orchestration.storage import linked_checkpoint
+from orchestration.storage import drop_corrupt_checkpoint, linked_checkpoint
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -210,6 +210,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(out))
+            drop_corrupt_checkpoint(out)
         fit(config, [report], out_dir=out, strategy=strategy)
     finally:
         shutil.rmtree(out, ignore_errors=True)

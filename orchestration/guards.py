@@ -5,7 +5,8 @@
 - :func:`sweep_lock`: one sweep per experiment folder at a time (an OS file lock, so a
   killed driver never leaves it held); :func:`with_store_lock` serialises the creation of a
   new SQLite store.
-- :func:`check_resumed_space`: ``--resume`` with an edited space names what changed.
+- :func:`check_resumed_space`: ``--resume`` with an edited space names what changed, or
+  returns the grid points it adds (:func:`record_extension` records them).
 - :func:`check_resources`: a trial that can never be placed is refused, not waited on.
 - :func:`stale_ray_processes` / :func:`clean_stale_ray`: the Ray processes a killed driver
   left behind (a local Ray bound to 127.0.0.1 is :func:`orchestration.compat.start_local_ray`).
@@ -41,10 +42,13 @@ __all__ = [
     "check_data",
     "check_port_free",
     "check_resources",
+    "added_message",
     "check_resumed_space",
     "check_tracking_uri",
     "clean_stale_ray",
     "redact",
+    "load_extensions",
+    "record_extension",
     "save_space",
     "stale_ray_processes",
     "sweep_lock",
@@ -53,6 +57,10 @@ __all__ = [
 
 PROBE_TIMEOUT_S = 5.0  # well within the 10 s a user waits for an answer
 SPACE_FILE = "modloss_space.json"  # in the Ray experiment folder
+# Grid points added to a sweep by an edited space, each run as a further Tune experiment.
+EXTENSIONS_FILE = "modloss_extensions.json"
+# The keys whose values a grid's points are made of: a resume may add values to them.
+_GRID_KEYS = ("models", "lam", "lr", "trials")
 # A joined cluster may autoscale: wait this long for room for one trial before refusing.
 RESOURCE_WAIT_S = float(os.environ.get("MODLOSS_RESOURCE_WAIT_S", "120"))
 _DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
@@ -269,32 +277,134 @@ def _space_dump(space: SearchSpace) -> dict[str, Any]:
     return space.model_dump(mode="json", exclude={"description", "name"})
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """``path``'s JSON, or a one-line refusal naming the file when it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GuardError(
+            f"{path} ({what}) cannot be read ({getattr(exc, 'strerror', None) or exc}): restore "
+            "it from a copy, or run the space as a new sweep (--experiment NEW_NAME)"
+        ) from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write ``path`` atomically: a kill leaves the old file or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def save_space(exp_dir: Path, space: SearchSpace) -> None:
     """Record the space a sweep starts with, for :func:`check_resumed_space`."""
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = exp_dir / f"{SPACE_FILE}.tmp"
-    tmp.write_text(json.dumps(_space_dump(space), indent=1, sort_keys=True))
-    tmp.replace(exp_dir / SPACE_FILE)
+    _write_json(exp_dir / SPACE_FILE, _space_dump(space))
 
 
-def check_resumed_space(exp_dir: Path, space: SearchSpace) -> None:
-    """Refuse to resume ``exp_dir`` with a space other than the one it started with, naming
-    every key that changed (a resumed Tune experiment runs its stored grid, whatever the
-    file now says). A sweep started before spaces were recorded is not checked."""
-    path = exp_dir / SPACE_FILE
+def load_extensions(exp_dir: Path) -> list[dict[str, Any]]:
+    """The experiment's extensions, oldest first: each ``{"name", "points", "space"}``, a
+    Tune experiment at ``exp_dir/NAME`` that runs the grid ``points`` an edited ``space``
+    added (see :func:`record_extension`)."""
+    path = exp_dir / EXTENSIONS_FILE
     if not path.is_file():
-        print(
-            f"warning: {path} missing: cannot check the space against the sweep's", file=sys.stderr
+        return []
+    extensions = _read_json(path, "the sweep's added grid points")
+    if not isinstance(extensions, list) or not all(
+        isinstance(e, dict) and {"name", "points", "space"} <= set(e) for e in extensions
+    ):
+        raise GuardError(
+            f"{path} (the sweep's added grid points) is not a list of extensions: restore it "
+            "from a copy, or run the space as a new sweep (--experiment NEW_NAME)"
         )
-        return
-    before, now = _flat(json.loads(path.read_text())), _flat(_space_dump(space))
+    return extensions
+
+
+def record_extension(exp_dir: Path, space: SearchSpace, points: list[dict[str, Any]]) -> str:
+    """Record that ``space`` adds the grid ``points`` to the sweep in ``exp_dir``; returns
+    the name of the Tune experiment that runs them. One atomic write records both the points
+    and the space, so from then on the stored space is ``space`` and every ``--resume``
+    runs the points, whenever a kill comes."""
+    extensions = load_extensions(exp_dir)
+    name = f"extension-{len(extensions) + 1}"
+    entry = {"name": name, "points": points, "space": _space_dump(space)}
+    _write_json(exp_dir / EXTENSIONS_FILE, [*extensions, entry])
+    return name
+
+
+def _stored_space(exp_dir: Path) -> dict[str, Any] | None:
+    """The space the sweep runs now: the latest extension's, else the one it started with."""
+    extensions = load_extensions(exp_dir)
+    if extensions:
+        return extensions[-1]["space"]
+    path = exp_dir / SPACE_FILE
+    return _read_json(path, "the space the sweep started with") if path.is_file() else None
+
+
+def check_resumed_space(exp_dir: Path, space: SearchSpace) -> list[dict[str, Any]]:
+    """The grid points ``space`` adds to the sweep in ``exp_dir`` (none when it is the
+    stored space). Any other change is refused, naming every key that changed: a resumed
+    Tune experiment runs its stored grid, whatever the file now says, so only points that
+    a grid gained can run, as a further experiment. A sweep started before spaces were
+    recorded is not checked."""
+    stored = _stored_space(exp_dir)
+    if stored is None:
+        print(
+            f"warning: {exp_dir / SPACE_FILE} missing: cannot check the space against the sweep's",
+            file=sys.stderr,
+        )
+        return []
+    before, now = _flat(stored), _flat(_space_dump(space))
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if not changed:
-        return
+        return []
+    added = _added_points(stored, space, changed)
+    if added:
+        return added
     shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-    hint = "restore the file, or run the new space as a new sweep (--experiment NEW_NAME)"
-    raise GuardError(
-        f"--resume: the space differs from the one {exp_dir} started with ({shown}); {hint}"
+    hint = (
+        "only adding grid points (models, lam, lr, trials) can be resumed; restore the file, "
+        "or run the new space as a new sweep (--experiment NEW_NAME)"
+    )
+    raise GuardError(f"--resume: the space differs from the one {exp_dir} runs ({shown}); {hint}")
+
+
+def _added_points(
+    stored: dict[str, Any], space: SearchSpace, changed: list[str]
+) -> list[dict[str, Any]]:
+    """The grid points of ``space`` beyond the stored space's, when it keeps all of those
+    and differs only in the sweep's dimensions; else none."""
+    from pydantic import ValidationError
+
+    from orchestration.spaces import GridSearch, SearchSpace
+
+    if any(k.split(".", 1)[0] not in _GRID_KEYS for k in changed):
+        return []
+    if not isinstance(space.search, GridSearch):
+        return []
+    try:
+        before = SearchSpace.model_validate({**stored, "name": space.name}).grid()
+    except ValidationError:  # stored by another version of the schema: refused as a change
+        return []
+    now = space.grid()
+    if any(point not in now for point in before):  # a point removed or changed
+        return []
+    return [point for point in now if point not in before]
+
+
+def added_message(space: SearchSpace, added: list[dict[str, Any]]) -> str:
+    """What ``--resume`` says when ``space`` adds the grid points ``added``: how many, the
+    values they bring along each dimension, and how many points were stored before."""
+    stored = [p for p in space.grid() if p not in added]
+    values = []
+    for key in ("model", "lam", "trial"):
+        old = {p[key] for p in stored}
+        new = [v for v in dict.fromkeys(p[key] for p in added) if v not in old]
+        if new:
+            values.append(f"{key}: {', '.join(f'{v:g}' if key == 'lam' else str(v) for v in new)}")
+    return (
+        f"--resume: the space adds {len(added)} grid point{'s' * (len(added) != 1)} "
+        f"({'; '.join(values)}); "
+        f"running them after the stored {len(stored)}"
     )
 
 

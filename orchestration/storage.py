@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_local_filesystem", "linked_checkpoint"]
+__all__ = ["atomic_local_filesystem", "drop_corrupt_checkpoint", "linked_checkpoint"]
 
 
 class _RenameOnClose(io.RawIOBase):
@@ -100,3 +101,27 @@ def linked_checkpoint(folder: Path) -> Any:
     from ray import tune
 
     return tune.Checkpoint(str(folder), filesystem=atomic_local_filesystem())
+
+
+def drop_corrupt_checkpoint(folder: Path) -> None:
+    """A restored checkpoint folder with a checkpoint file that cannot be read is never
+    used: it is emptied, with a warning naming the file, and the run starts over from
+    scratch (Tune keeps one checkpoint per trial, so there is no older one to fall back on).
+
+    Every checkpoint file is checked (``checkpoint.pt``, a module-parallel run's per-rank
+    shards): each worker of a distributed run restores the whole folder, so every rank
+    reaches the same decision without a collective, and ``fit`` never sees some ranks
+    resume while others start over."""
+    from modloss.files import PathError, load_checkpoint
+    from modloss.names import CHECKPOINT_FILE, SHARD_CHECKPOINT_FILE
+
+    shards = sorted(folder.glob(SHARD_CHECKPOINT_FILE.format(rank="*")))
+    for path in [folder / CHECKPOINT_FILE, *shards]:
+        try:
+            if path.exists():
+                load_checkpoint(path)
+        except PathError as err:
+            print(f"warning: {err}; this run starts over from scratch", file=sys.stderr, flush=True)
+            shutil.rmtree(folder)
+            folder.mkdir()
+            return

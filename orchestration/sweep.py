@@ -5,7 +5,10 @@ fit checkpoints every epoch into a local folder, and the per-epoch callback hand
 folder to Tune as the trial's checkpoint with the epoch's metrics. A restarted trial (a
 retry after a failure, or a resumed sweep) copies its last Tune checkpoint back and fit
 resumes from it. The experiment lives at ``STORAGE/NAME`` (NAME: the space's name), so
-``--resume`` finds it again.
+``--resume`` finds it again. A Tune experiment cannot grow its grid, so grid points that an
+edited space adds on ``--resume`` run as a further Tune experiment in that folder
+(``STORAGE/NAME/extension-N``, recorded by :func:`orchestration.guards.record_extension`),
+under the same MLflow parent run; the results table covers them all.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from modloss.records import RunResult
     from modloss.train import TrainConfig, fit
-    from orchestration.storage import linked_checkpoint
+    from orchestration.storage import drop_corrupt_checkpoint, linked_checkpoint
 
     if "distributed" in config:  # one Ray Train run per trial, on several workers
         from orchestration.distributed import train_trial as train_distributed
@@ -90,7 +93,7 @@ def train_trial(config: dict[str, Any]) -> None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(out_dir))
-            _drop_corrupt_checkpoint(out_dir)
+            drop_corrupt_checkpoint(out_dir)
 
         def report(result: RunResult, out: Path | None) -> None:
             if result.status == "diverged":
@@ -110,22 +113,6 @@ def train_trial(config: dict[str, Any]) -> None:
         tune.report(summary_report(result), checkpoint=final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def _drop_corrupt_checkpoint(out_dir: Path) -> None:
-    """A restored checkpoint that cannot be read is never used: the trial starts over, with
-    a warning naming the file (Tune keeps one checkpoint per trial, so there is no older)."""
-    from modloss.files import PathError, load_checkpoint
-    from modloss.train import CHECKPOINT_FILE
-
-    path = out_dir / CHECKPOINT_FILE
-    try:
-        if path.exists():
-            load_checkpoint(path)
-    except PathError as err:
-        print(f"warning: {err}; this trial starts over from scratch", file=sys.stderr, flush=True)
-        shutil.rmtree(out_dir)
-        out_dir.mkdir()
 
 
 def _analysis_artifacts(out_dir: Path, train: Any) -> None:
@@ -198,15 +185,17 @@ def _trial_dirname(trial: Trial) -> str:
     return f"{_trial_name(trial)}_{trial.trial_id}"
 
 
-def param_space(space: SearchSpace) -> dict[str, Any]:
+def param_space(space: SearchSpace, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Tune's param_space: every trial's TrainConfig under ``"train"`` (and the space's
-    ``distributed:`` section under ``"distributed"``)."""
+    ``distributed:`` section under ``"distributed"``). A grid search runs ``points`` (grid
+    points of the space; default all of them)."""
     from ray import tune
 
     # A distributed: section travels with every trial (orchestration.distributed).
     extra = {"distributed": space.distributed.model_dump()} if space.distributed else {}
     if isinstance(space.search, GridSearch):
-        return {"train": tune.grid_search(_longest_first(space.grid())), **extra}
+        grid = space.grid() if points is None else points
+        return {"train": tune.grid_search(_longest_first(grid)), **extra}
 
     def choice(values: list[Any]) -> Any:
         return values[0] if len(values) == 1 else tune.choice(values)
@@ -389,11 +378,11 @@ def _run_locked(
             f"{exp_dir} already holds experiment {space.name!r}: finish it with --resume, "
             "or pick another --experiment name or --storage folder"
         )
-    if resume:
-        guards.check_resumed_space(exp_dir, space)
+    added = guards.check_resumed_space(exp_dir, space) if resume else []
+    if added:
+        print(guards.added_message(space, added), file=out, flush=True)
 
     import ray
-    from ray import tune
 
     from orchestration.tracking import SweepTracker
 
@@ -422,12 +411,17 @@ def _run_locked(
         guards.check_resources(space, can_grow=address is not None)
         if not resume:
             guards.save_space(exp_dir, space)
+        elif added:
+            guards.record_extension(exp_dir, space, added)
         record = tracker.start(exp_dir, params=_space_params(space), space_file=space_file)
         table, csv = None, exp_dir / RESULTS_CSV
         try:
-            tuner = _tuner(space, exp_dir, record, resume=resume)
-            tuner.fit()
-            table = results_table(tune.ExperimentAnalysis(str(exp_dir)).trials)
+            parts = _parts(exp_dir)
+            for part, points in parts:
+                _tuner(space, part, record, points, resume=_experiment_started(part)).fit()
+                if _interrupted(part):  # Ctrl-C or FailFast: the rest waits for --resume
+                    break
+            table = results_table([trial for part, _ in parts for trial in _trials(part)])
             table.to_csv(csv, index=False)
         finally:
             # Also after a second Ctrl-C (KeyboardInterrupt): no run is left RUNNING.
@@ -441,7 +435,43 @@ def _run_locked(
     return SweepOutcome(table, csv, record, status)
 
 
-def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bool) -> Any:
+def _parts(exp_dir: Path) -> list[tuple[Path, list[dict[str, Any]] | None]]:
+    """The sweep's Tune experiments in the order they run, each with the grid points it
+    runs when it starts (None: all of the space's): the one at ``exp_dir``, then one per
+    extension of the grid recorded by :func:`orchestration.guards.record_extension`."""
+    extensions = guards.load_extensions(exp_dir)
+    return [(exp_dir, None), *((exp_dir / e["name"], e["points"]) for e in extensions)]
+
+
+def _trials(part: Path) -> list[Trial]:
+    """The trials of the Tune experiment at ``part``: none before it saved its first state
+    (a driver killed as it started one)."""
+    from ray import tune
+
+    if not any(part.glob("experiment_state-*.json")):
+        return []
+    return tune.ExperimentAnalysis(str(part)).trials
+
+
+def _interrupted(part: Path) -> bool:
+    """Whether the Tune experiment at ``part`` stopped before all its trials ended."""
+    from orchestration.failfast import stopped
+
+    if stopped() is not None:
+        return True
+    return bool(results_table(_trials(part))["status"].isin(["interrupted", "pending"]).any())
+
+
+def _tuner(
+    space: SearchSpace,
+    exp_dir: Path,
+    record: SweepRecord,
+    points: list[dict[str, Any]] | None,
+    *,
+    resume: bool,
+) -> Any:
+    """The Tuner of the Tune experiment at ``exp_dir``: restored (``resume``), or new,
+    running the grid ``points`` (None: all of the space's)."""
     from ray import tune
 
     from orchestration.failfast import FailFast
@@ -462,16 +492,17 @@ def _tuner(space: SearchSpace, exp_dir: Path, record: SweepRecord, *, resume: bo
             resume_errored=True,
             storage_filesystem=filesystem,
         )
+    total = _num_trials(space) if points is None else len(points)
     run_config = tune.RunConfig(
-        name=space.name,
+        name=exp_dir.name,
         storage_path=str(exp_dir.parent),
         storage_filesystem=filesystem,
-        callbacks=[TrialLogger(record), ProgressPrinter(total=_num_trials(space)), FailFast()],
+        callbacks=[TrialLogger(record), ProgressPrinter(total=total), FailFast()],
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
     )
-    params = param_space(space)
+    params = param_space(space, points)
     if space.distributed is not None:  # the trials' Ray Train runs live in the experiment
         params["storage_path"] = str(exp_dir / "train_runs")
     return tune.Tuner(

@@ -192,8 +192,19 @@ class SweepRecord:
 
     @classmethod
     def load(cls, exp_dir: Path) -> SweepRecord | None:
+        """The record in ``exp_dir``; None if there is none. One that cannot be read is
+        refused (a new parent run in its place would split the sweep in two)."""
         path = exp_dir / RECORD_FILE
-        return cls(**json.loads(path.read_text())) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise TrackingError(
+                f"{path} (the sweep's MLflow parent run) cannot be read "
+                f"({getattr(exc, 'strerror', None) or exc}): restore it from a copy, or run "
+                "the space as a new sweep (--experiment NEW_NAME)"
+            ) from None
 
     def save(self, exp_dir: Path) -> None:
         exp_dir.mkdir(parents=True, exist_ok=True)

@@ -128,14 +128,12 @@ def test_module_parallel_run_equals_fit_and_resumes_after_a_worker_dies(tmp_path
     assert {e.comm_floats_per_step for e in results.history} == {B * K}
 
 
-def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, data_dir):
-    """Each worker takes half of every shuffled batch; DDP all-reduces one float per
-    parameter per step and, without BatchNorm, trains exactly as fit. A run that failed
-    for good (max_failures=0) resumes from its last checkpoint when fit again under the
-    same name, which is how a retried Tune trial continues its Train run."""
-    config = _config(MLP, 2, data_dir)
-    spec = DistributedConfig(strategy="ddp", num_workers=2)
-    marker = tmp_path / "killed-once"
+def _fail_after_epoch_1(
+    config: TrainConfig, spec: DistributedConfig, storage: Path, name: str
+) -> None:
+    """Run ``name`` until rank 0 dies right after epoch 1's checkpoint; with no restarts
+    (max_failures=0) the run fails for good."""
+    marker = storage / f"{name}-killed-once"
 
     def die_once(epoch: int, metrics: dict, rank: int) -> None:
         if rank == 0 and epoch == 1 and not marker.exists():
@@ -144,15 +142,38 @@ def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, da
             os._exit(1)
 
     with pytest.raises(ray.train.WorkerGroupError):
-        fit_distributed(
-            config, spec, storage_path=tmp_path, name="ddp", worker_callbacks=[die_once]
-        )
+        fit_distributed(config, spec, storage_path=storage, name=name, worker_callbacks=[die_once])
+    assert marker.exists()
+
+
+def test_ddp_run_equals_fit_and_a_failed_run_resumes_under_its_name(tmp_path, data_dir):
+    """Each worker takes half of every shuffled batch; DDP all-reduces one float per
+    parameter per step and, without BatchNorm, trains exactly as fit. A run that failed
+    for good (max_failures=0) resumes from its last checkpoint when fit again under the
+    same name, which is how a retried Tune trial continues its Train run."""
+    config = _config(MLP, 2, data_dir)
+    spec = DistributedConfig(strategy="ddp", num_workers=2)
+    _fail_after_epoch_1(config, spec, tmp_path, "ddp")
     results = fit_distributed(config, spec, storage_path=tmp_path, name="ddp")
     assert results.status == "finished" and results.strategy == "ddp"
     assert results.resumed_from == [1]
     reference = fit(config)
     _assert_history_matches_fit(results.history, reference.history)
     assert {e.comm_floats_per_step for e in results.history} == {results.params}
+
+
+def test_a_run_whose_newest_checkpoint_is_corrupt_starts_over(tmp_path, data_dir):
+    """A Train run that failed after its checkpoint was damaged (a truncated copy, a full
+    disk) is not stuck on it: fit again under its name, it trains from scratch and ends as
+    fit does. (How a retried or resumed distributed sweep trial continues its Train run.)"""
+    config = _config(MLP, 2, data_dir)
+    spec = DistributedConfig(strategy="ddp", num_workers=2)
+    _fail_after_epoch_1(config, spec, tmp_path, "ddp")
+    newest = sorted((tmp_path / "ddp").glob(f"epoch-*/{CHECKPOINT_FILE}"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    results = fit_distributed(config, spec, storage_path=tmp_path, name="ddp")
+    assert results.status == "finished" and results.resumed_from == []
+    _assert_history_matches_fit(results.history, fit(config).history)
 
 
 def test_sweep_runs_each_trial_of_a_distributed_space_on_ray_train(

@@ -30,6 +30,8 @@ import orchestration.cli
 import orchestration.jobs
 from dashboards.data import load_sweep
 from modloss.names import CHECKPOINT_FILE, curve
+from orchestration.guards import EXTENSIONS_FILE, SPACE_FILE
+from orchestration.tracking import RECORD_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 MODLOSS = str(Path(sys.executable).with_name("modloss"))
@@ -236,6 +238,37 @@ def test_sweep_storage_is_checked_before_ray(
     space = write_space(tmp_path, data_dir, "storage")
     result = CliRunner().invoke(app, ["sweep", str(space), "--storage", str(path)])
     assert_one_line_refusal(result.exit_code, result.output, str(path), named)
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+
+
+# A file of the experiment folder, damaged; a Tuner's saved state (tuner.pkl) is all that
+# --resume needs to get as far as reading them.
+EXPERIMENT_FILE_CASES = [
+    ("record-truncated", RECORD_FILE, '{"sweep_id": "ab12', ["cannot be read", "restore it"]),
+    ("record-not-a-record", RECORD_FILE, "[1, 2]", ["cannot be read", "restore it"]),
+    ("space-truncated", SPACE_FILE, '{"epochs": ', ["cannot be read", "restore it"]),
+    ("extensions-truncated", EXTENSIONS_FILE, '[{"name": "ext', ["cannot be read"]),
+    ("extensions-not-a-list", EXTENSIONS_FILE, '{"name": 1}', ["not a list of extensions"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "name", "text", "named"),
+    EXPERIMENT_FILE_CASES,
+    ids=[c[0] for c in EXPERIMENT_FILE_CASES],
+)
+def test_resume_refuses_a_damaged_file_of_the_experiment_before_ray(
+    app, tmp_path, data_dir, monkeypatch, case, name, text, named
+):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, data_dir, "damaged")
+    exp_dir = tmp_path / "ray_results" / "damaged"
+    exp_dir.mkdir(parents=True)
+    (exp_dir / "tuner.pkl").write_bytes(b"")
+    (exp_dir / name).write_text(text)
+    result = CliRunner().invoke(app, ["sweep", str(space), "--resume"])
+    assert_one_line_refusal(result.exit_code, result.output, str(exp_dir / name), *named)
+    assert (exp_dir / name).read_text() == text  # left for the user to restore
     assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -479,7 +512,9 @@ def test_resumed_sweep_lost_and_duplicated_nothing(killed_sweep, resumed):
 EDITS = [
     ("epochs", {"epochs": KILL_EPOCHS + 1}, ["epochs", f"{KILL_EPOCHS} -> {KILL_EPOCHS + 1}"]),
     ("lam-changed", {"lam": [0.0, 0.5]}, ["lam"]),
-    ("lam-added", {"lam": [*KILL_LAMS, 0.5]}, ["lam"]),
+    ("lam-removed", {"lam": KILL_LAMS[:1]}, ["lam"]),
+    ("lam-added-and-epochs", {"lam": [*KILL_LAMS, 0.5], "epochs": KILL_EPOCHS + 1}, ["epochs"]),
+    ("model-added-and-subset", {"models": ["16-M-64-H", "256-M-4-H"], "subset": 1000}, ["subset"]),
     ("subset", {"subset": 1000}, ["subset", "2000 -> 1000"]),
     ("model", {"models": ["256-M-4-H"]}, ["models"]),
     ("momentum", {"momentum": 0.5}, ["momentum", "0.9 -> 0.5"]),

@@ -1,5 +1,6 @@
 """Kill ``modloss sweep`` midway, finish it with ``--resume``: every trial ends exactly once,
-no child run is duplicated and none is left RUNNING."""
+no child run is duplicated and none is left RUNNING. Resume a sweep whose space gained grid
+points: they run, once each, under the same parent run."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 from ray import tune
 
+from dashboards.data import load_sweep
 from modloss.names import curve
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 MODLOSS = str(Path(sys.executable).with_name("modloss"))
 EPOCHS = 2
 # Three trials one at a time: the kill lands after the first finishes, and the third cannot
@@ -93,3 +97,115 @@ def test_killed_sweep_is_finished_by_resume(mlflow_server, make_space, tmp_path,
         assert starts[trial_id] == "1"
     table = pd.read_csv(exp_dir / "results.csv")
     assert sorted(table.lam) == LAMS and set(table.status) == {"finished"}
+
+
+# --------------------------------------------------------------------------- added points
+
+GROW_EPOCHS = 2
+
+
+def _grow_space(folder: Path, data_dir: Path, **changes) -> Path:
+    """The space of the growing sweep: one model, 300 images, one trial at a time."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "fmnist_smoke.yaml").read_text())
+    space.update(
+        {
+            "name": "grow", "models": ["16-M-64-H"], "lam": [0.0, 1.0], "trials": 1,
+            "epochs": GROW_EPOCHS, "subset": 300, "max_concurrent": 1, "data_dir": str(data_dir),
+            **changes,
+        }
+    )  # fmt: skip
+    path = folder / f"grow-{len(list(folder.glob('grow-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def _points_once(exp_dir: Path, client: MlflowClient, expected: list[tuple[float, int]]) -> list:
+    """The table and MLflow hold each (λ, trial) of ``expected`` exactly once, finished,
+    under one FINISHED parent, nothing RUNNING; returns the child runs."""
+    table = pd.read_csv(exp_dir / "results.csv")
+    assert sorted(zip(table.lam, table.trial, strict=True)) == sorted(expected)
+    assert set(table.status) == {"finished"} and table.trial_id.is_unique
+    parent, children = _runs(client, "grow")
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    coords = sorted((float(r.data.params["lam"]), int(r.data.params["trial"])) for r in children)
+    assert coords == sorted(expected)  # one child per point, none duplicated
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["trial_id"] for r in children} == set(table.trial_id)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, curve("val_error"))]
+        assert sorted(steps) == list(range(1, GROW_EPOCHS + 1))  # no epoch logged twice
+    return children
+
+
+def test_resume_runs_the_grid_points_an_edited_space_adds(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_dir = tmp_path / "ray_results" / "grow"
+
+    def sweep(space: Path, *flags: str) -> subprocess.CompletedProcess:
+        command = [MODLOSS, "sweep", str(space), "--tracking-uri", uri, *flags]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    first = sweep(_grow_space(tmp_path, data_dir))
+    assert first.returncode == 0, first.stdout + first.stderr
+    stored = _points_once(exp_dir, client, [(0.0, 0), (1.0, 0)])
+
+    # A λ added: only that point runs, as a further experiment under the same parent.
+    more_lam = _grow_space(tmp_path, data_dir, lam=[0.0, 0.5, 1.0])
+    grown = sweep(more_lam, "--resume")
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    message = "--resume: the space adds 1 grid point (lam: 0.5); running them after the stored 2"
+    assert message in grown.stdout
+    assert "3 of 3 trials started" in grown.stdout
+    after = _points_once(exp_dir, client, [(0.0, 0), (0.5, 0), (1.0, 0)])
+    assert {r.info.run_id for r in stored} < {r.info.run_id for r in after}  # kept, not rerun
+
+    # The same file again: nothing new runs, nothing is duplicated.
+    again = sweep(more_lam, "--resume")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "adds" not in again.stdout and "3 of 3 trials started" in again.stdout
+    assert {r.info.run_id for r in _points_once(exp_dir, client, [(0, 0), (0.5, 0), (1, 0)])} == {
+        r.info.run_id for r in after
+    }
+
+    # Points added together with another change: refused, naming the other key.
+    before = (exp_dir / "results.csv").read_text()
+    edited = _grow_space(tmp_path, data_dir, lam=[0.0, 0.5, 0.8, 1.0], epochs=GROW_EPOCHS + 1)
+    refused = sweep(edited, "--resume")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    (error,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "epochs" in error and f"{GROW_EPOCHS} -> {GROW_EPOCHS + 1}" in error
+    assert (exp_dir / "results.csv").read_text() == before
+    _points_once(exp_dir, client, [(0.0, 0), (0.5, 0), (1.0, 0)])
+
+    # A second trial of every λ: a third experiment, its driver killed while it runs.
+    more_trials = _grow_space(tmp_path, data_dir, lam=[0.0, 0.5, 1.0], trials=2)
+    log = (tmp_path / "killed.log").open("w")
+    driver = subprocess.Popen(
+        [MODLOSS, "sweep", str(more_trials), "--tracking-uri", uri, "--resume"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not any(r.data.params.get("trial") == "1" for r in _runs(client, "grow")[1]):
+        assert driver.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline, "no added trial started in time"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    log.close()
+    assert "the space adds 3 grid points (trial: 1)" in (tmp_path / "killed.log").read_text()
+    finished = [r for r in _runs(client, "grow")[1] if r.data.tags.get("status") == "finished"]
+    assert len(finished) < 6  # the kill came before the added points had all run
+
+    resumed = sweep(more_trials, "--resume")  # the added points are recorded: none is added
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "adds" not in resumed.stdout and "6 of 6 trials started" in resumed.stdout
+    expected = [(lam, t) for lam in (0.0, 0.5, 1.0) for t in (0, 1)]
+    children = _points_once(exp_dir, client, expected)
+    assert {r.info.run_id for r in after} < {r.info.run_id for r in children}
+    assert sorted(p.name for p in exp_dir.glob("extension-*")) == ["extension-1", "extension-2"]
+
+    report = load_sweep("grow", tracking_uri=uri)  # `modloss report` sees one sweep of 6
+    assert len(report.runs) == 6 and not report.duplicates

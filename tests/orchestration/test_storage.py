@@ -1,4 +1,5 @@
-"""The sweep's storage filesystem: whole-file writes, and checkpoints linked, not copied."""
+"""The sweep's storage filesystem: whole-file writes, and checkpoints linked, not copied;
+a restored checkpoint that cannot be read is never used."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import torch
 
-from orchestration.storage import atomic_local_filesystem
+from modloss.names import CHECKPOINT_FILE, SHARD_CHECKPOINT_FILE
+from orchestration.storage import atomic_local_filesystem, drop_corrupt_checkpoint
 
 
 def _replace(path: Path, data: bytes) -> None:  # how fit and Tune rewrite a file
@@ -70,3 +73,39 @@ def test_instances_from_any_thread_are_one_filesystem() -> None:
     with ThreadPoolExecutor(1) as pool:
         other = pool.submit(atomic_local_filesystem).result()
     assert atomic_local_filesystem().equals(other)
+
+
+CORRUPT = {"truncated": lambda data: data[: len(data) // 2], "empty": lambda data: b""}
+
+
+@pytest.mark.parametrize("damage", sorted(CORRUPT))
+@pytest.mark.parametrize("damaged", [CHECKPOINT_FILE, SHARD_CHECKPOINT_FILE.format(rank=1)])
+def test_a_restored_folder_with_a_corrupt_checkpoint_file_is_emptied(
+    tmp_path: Path, capsys: pytest.CaptureFixture, damaged: str, damage: str
+) -> None:
+    # A module-parallel run restores every rank's shard on every rank: one bad shard
+    # must make all ranks start over, not just its own.
+    folder = tmp_path / "restored"
+    folder.mkdir()
+    names = [CHECKPOINT_FILE, *(SHARD_CHECKPOINT_FILE.format(rank=r) for r in (0, 1))]
+    for name in names:
+        torch.save({"epoch": 2, "model": {"w": torch.ones(3)}}, folder / name)
+    (folder / "results.json").write_text("{}")
+    path = folder / damaged
+    path.write_bytes(CORRUPT[damage](path.read_bytes()))
+    drop_corrupt_checkpoint(folder)
+    assert folder.is_dir() and list(folder.iterdir()) == []  # nothing of it is used
+    err = capsys.readouterr().err
+    assert str(path) in err and "starts over from scratch" in err
+
+
+def test_a_restored_folder_whose_checkpoints_read_is_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "restored"
+    folder.mkdir()
+    torch.save({"epoch": 2}, folder / SHARD_CHECKPOINT_FILE.format(rank=0))
+    (folder / "results.json").write_text("{}")
+    drop_corrupt_checkpoint(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint-rank0.pt",
+        "results.json",
+    ]
