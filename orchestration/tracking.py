@@ -295,7 +295,7 @@ class SweepTracker:
         results CSV and close the parent run with ``status``."""
         children = _children(self.client, record)
         for row in [] if table is None else table.to_dict("records"):
-            run = children.pop((row["trial_id"], int(row["point"])), None)
+            run = children.pop((row["trial_id"], int(row.get("point", 0))), None)
             if run is not None:
                 self._settle(run, row["status"])
         for run in children.values():  # no result table: the driver was interrupted

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 from mlflow import MlflowClient
 
 from modloss.names import (
@@ -30,13 +29,6 @@ from orchestration.sweep import _analysis_artifacts, run_sweep
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _children(client: MlflowClient, parent_run_id: str, experiment: str) -> list:
