@@ -15,6 +15,7 @@ checkpoint, and each report carries every point's report (``points``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -131,13 +132,19 @@ def _train_pack(config: dict[str, Any]) -> None:
     point g's run in subfolder ``POINT_FOLDER`` g. One report per epoch of the pack, with
     every point's epoch report and the whole folder as checkpoint; a point that finished or
     diverged that epoch gets its analysis artifacts first. Then a summary report."""
+    import torch
     from ray import tune
 
     from modloss.records import RunResult
-    from modloss.train import TrainConfig, fit_pack
+    from modloss.train import TrainConfig, build_splits, fit_pack
     from orchestration.storage import linked_checkpoint
 
     trains = [TrainConfig.model_validate(c) for c in config["pack"]]
+
+    @functools.cache
+    def cpu_splits() -> Any:  # the points' splits are the same: loaded once for the analyses
+        return build_splits(trains[0], torch.device("cpu"))
+
     folders = [Path(POINT_FOLDER.format(point=g)) for g in range(len(trains))]
     out_dir = _restored_folder(folders)
     runs = [out_dir / folder for folder in folders]
@@ -153,7 +160,7 @@ def _train_pack(config: dict[str, Any]) -> None:
     def report(results: list[RunResult]) -> None:
         for g, result in enumerate(results):
             if result.status in ("finished", "diverged") and g not in analysed:
-                _analysis_artifacts(runs[g], trains[g])
+                _analysis_artifacts(runs[g], trains[g], cpu_splits())
                 analysed.add(g)
         tune.report(pack_report(results), checkpoint=linked_checkpoint(out_dir))
 
@@ -202,13 +209,14 @@ def _drop_corrupt_checkpoint(out_dir: Path, runs: list[Path]) -> None:
             return
 
 
-def _analysis_artifacts(out_dir: Path, train: Any) -> None:
+def _analysis_artifacts(out_dir: Path, train: Any, splits: Any = None) -> None:
     """Small summaries of the best epoch's saved logits, written next to fit's files so
     that the final checkpoint carries them: the robustness curve (Fig. 4), the tables of
     :func:`orchestration.tracking.analysis_tables` and the uncertainty analyses of
     :func:`_uncertainty_artifacts` (temperature, rotation shift, OOD, reliability).
     Computed here, in the trial's worker, rather than on the driver, whose event loop
-    schedules every trial."""
+    schedules every trial. ``splits``: ``train``'s on the CPU, if already loaded (a pack's
+    points share theirs)."""
     from modloss.analysis import load_logits, plot_robustness, robustness
 
     for name, table in analysis_tables(out_dir).items():
@@ -220,7 +228,7 @@ def _analysis_artifacts(out_dir: Path, train: Any) -> None:
     if logits.family != "categorical":
         return
     title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
-    _uncertainty_artifacts(out_dir, train, logits, title)
+    _uncertainty_artifacts(out_dir, train, logits, title, splits)
     if logits.eta.shape[0] < 2:
         return
     frame = robustness(logits.eta, logits.target)
@@ -228,7 +236,9 @@ def _analysis_artifacts(out_dir: Path, train: Any) -> None:
     plot_robustness({f"λ={train.lam:g}": frame}, out_dir / ROBUSTNESS_PNG, title=title)
 
 
-def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> None:
+def _uncertainty_artifacts(
+    out_dir: Path, train: Any, test: Any, title: str, splits: Any = None
+) -> None:
     """:func:`modloss.uncertainty.selected_epoch` of the best-validation epoch: its model
     rebuilt from the checkpoint's ``best_model``, its splits reloaded on the CPU (the
     analyses are a few forward passes). A module-parallel run (one checkpoint shard per
@@ -249,7 +259,8 @@ def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> 
         return
     model = build_model(train)
     model.load_state_dict(best)
-    splits = build_splits(train, torch.device("cpu"))
+    if splits is None:
+        splits = build_splits(train, torch.device("cpu"))
     val = load_logits(out_dir, "val")
     selected_epoch(
         model,

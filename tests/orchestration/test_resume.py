@@ -96,10 +96,10 @@ def test_killed_sweep_is_finished_by_resume(mlflow_server, make_space, tmp_path,
 
 
 def test_killed_packed_sweep_is_finished_by_resume(mlflow_server, make_space, tmp_path):
-    """``--pack``: three packed Ray trials (one per trial seed) of two points each, one at a
+    """``--pack``: two packed Ray trials (one per trial seed) of two points each, one at a
     time; SIGKILL once a point has finished, then --resume: every point ends exactly once."""
     name = "resume-packed"
-    lams, trials = [0.0, 1.0], 3
+    lams, trials = [0.0, 1.0], 2
     space = make_space(
         name=name, models=["16-M-64-H"], lam=lams, trials=trials, epochs=EPOCHS, subset=500,
         max_concurrent=1,
@@ -126,7 +126,7 @@ def test_killed_packed_sweep_is_finished_by_resume(mlflow_server, make_space, tm
         [*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "6 of 6 points started, in 3 packed Ray trials (6 finished)" in resumed.stdout
+    assert "4 of 4 points started, in 2 packed Ray trials (4 finished)" in resumed.stdout
 
     parent, children = _runs(client, name)
     assert parent.info.status == "FINISHED"
