@@ -315,6 +315,8 @@ class SearchSpace(_Section):
         """The space as a file would hold it, every shared setting as validated."""
         data = handler(self)
         data.pop("settings", None)
+        if not data.get("pack"):  # as spaces were before the key: a sweep recorded then resumes
+            data.pop("pack", None)
         return {**data, **{k: v for k, v in self.base_config().items() if k != "device"}}
 
     @model_validator(mode="after")
