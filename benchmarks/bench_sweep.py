@@ -27,6 +27,7 @@ the other in the same run, each as ``modloss sweep`` runs it. Table 2's shape:
 import argparse
 import io
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--subset", type=int, help="override the space's subset")
     parser.add_argument("--trials", type=int, help="override the space's trials (a count)")
     parser.add_argument("--pack", action="store_true", help="packed vs unpacked sweep")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="--pack: sweep pairs, in ABBA order; medians"
+    )
     args = parser.parse_args()
     os.environ.setdefault("MODLOSS_DATA_DIR", str(DATA_DIR))
     tmp = tempfile.TemporaryDirectory()
@@ -66,7 +70,7 @@ def main() -> None:
     edited.update({k: v for k, v in overrides.items() if v is not None})
     if args.pack:
         with tmp:
-            _packed_vs_unpacked(edited, Path(tmp.name))
+            _packed_vs_unpacked(edited, Path(tmp.name), args.repeats)
         return
     space_file.write_text(yaml.safe_dump(edited))
     space = load_space(space_file)
@@ -102,20 +106,25 @@ def main() -> None:
         print(f"ratio sweep / bare on {all_cores} threads (no goal): {swept / bare_all:.2f}")
 
 
-def _packed_vs_unpacked(edited: dict, folder: Path) -> None:
-    """Sweep the space unpacked, then packed, each in its own folder; print the ratio."""
-    seconds, spaces, load = {}, {}, os.getloadavg()[0]  # the machine's other users
-    for pack in (False, True):
+def _packed_vs_unpacked(edited: dict, folder: Path, repeats: int) -> None:
+    """Sweep the space unpacked and packed, ``repeats`` times each in ABBA order (the
+    machine's load drifts), each sweep in its own folder; print the ratio of the medians."""
+    times: dict[str, list[float]] = {"unpacked": [], "packed": []}
+    spaces = {}
+    load = os.getloadavg()[0]  # the machine's other users
+    order = [p for r in range(repeats) for p in ((False, True) if r % 2 == 0 else (True, False))]
+    for run, pack in enumerate(order):
         mode = "packed" if pack else "unpacked"
-        space_file = folder / mode / "space.yaml"
+        space_file = folder / f"{mode}{run}" / "space.yaml"
         space_file.parent.mkdir()
         space_file.write_text(yaml.safe_dump({**edited, "pack": pack}))
         spaces[mode] = load_space(space_file)
         os.chdir(space_file.parent)  # the default MLflow store and Ray storage land here
         start = time.perf_counter()
         outcome = run_sweep(space_file, out=io.StringIO())
-        seconds[mode] = time.perf_counter() - start
+        times[mode].append(time.perf_counter() - start)
         assert set(outcome.table.status) == {"finished"}, outcome.table
+    seconds = {mode: statistics.median(t) for mode, t in times.items()}
     space = spaces["packed"]
     points, packs = len(space.grid()), len(space.packs())
     cpus = space.resources.cpus
@@ -126,8 +135,9 @@ def _packed_vs_unpacked(edited: dict, folder: Path) -> None:
         f"trial = torch threads, max_concurrent {space.max_concurrent}, load average "
         f"{load:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
-    print(f"unpacked sweep, {points} Ray trials: {seconds['unpacked']:7.1f} s")
-    print(f"packed sweep, {packs} Ray trials:   {seconds['packed']:7.1f} s")
+    for mode, trials in (("unpacked", points), ("packed", packs)):
+        each = ", ".join(f"{t:.1f}" for t in times[mode])
+        print(f"{mode} sweep, {trials} Ray trials: median {seconds[mode]:7.1f} s ({each})")
     ratio = seconds["packed"] / seconds["unpacked"]
     verdict = "OK" if ratio <= PACK_GOAL else "MISSED"
     print(f"ratio packed / unpacked: {ratio:.2f} (goal <= {PACK_GOAL}) {verdict}")
