@@ -16,6 +16,8 @@ __all__ = [
     "OOD_DATASET_TAG",
     "OOD_SCORES",
     "PARENT_TAG",
+    "POINT_FOLDER",
+    "POINT_TAG",
     "RESULTS_CSV",
     "ROLE_TAG",
     "RELIABILITY_CSV",
@@ -73,7 +75,10 @@ TRIAL_ARTIFACTS = (
 )
 
 # --- a sweep
-RESULTS_CSV = "results.csv"  # one row per trial, columns named as below
+RESULTS_CSV = "results.csv"  # one row per trial (per point of a packed trial)
+# A packed trial (modloss.train.fit_pack of several grid points) keeps each point's run
+# folder in this subfolder of its folder, point = the point's index in the trial's pack.
+POINT_FOLDER = "point{point}"
 
 # --- metrics
 # The summary of a run (modloss.records.RunResult fields of the same names): one value
@@ -127,12 +132,13 @@ def curve(name: str) -> str:
     return f"{CURVE_PREFIX}{name}"
 
 
-# --- MLflow tags. A child run (one per trial) also has the tags model, lam, trial, lr
-# (TrainConfig's field names) and status (RunResult's).
+# --- MLflow tags. A child run (one per trial, or per point of a packed trial) also has the
+# tags model, lam, trial, lr (TrainConfig's field names) and status (RunResult's).
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 ROLE_TAG = "modloss.role"  # "sweep" on a sweep's parent run
 SWEEP_ROLE = "sweep"
 SWEEP_ID_TAG = "sweep_id"  # parent and children
 TRIAL_ID_TAG = "trial_id"  # a child's Ray Tune trial id
+POINT_TAG = "point"  # a child's index among its Ray trial's points (0 when not packed)
 NUM_MEMBERS_TAG = "num_members"  # a child's model_args["num_members"]
 OOD_DATASET_TAG = "ood_dataset"  # a child's OOD set: "mnist" or the sklearn-digits fallback

@@ -208,6 +208,7 @@ def fit_pack(
     callbacks: Iterable[Callback] = (),
     *,
     progress: bool = False,
+    on_epoch: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
     """Train ``configs`` as one packed model on one device (:mod:`modloss.pack`) and return
     their results, each equal (up to rounding) to :func:`fit` of that config alone.
@@ -218,6 +219,10 @@ def fit_pack(
     :func:`fit`, so either function resumes them); a run that diverges or is stopped by a
     callback leaves the pack and the others go on. Calling ``fit_pack`` again with the same
     ``out_dirs`` resumes the unfinished runs, which must be at the same epoch.
+
+    ``callbacks`` are called per run, as by :func:`fit`; ``on_epoch(results)``, once per
+    epoch of the pack, after every run's callbacks, with every run's result in ``configs``
+    order (e.g. to checkpoint all the folders together).
     """
     configs = [c if isinstance(c, TrainConfig) else TrainConfig.model_validate(c) for c in configs]
     check_fusible(configs)
@@ -227,7 +232,7 @@ def fit_pack(
     given = [Path(d).resolve() for d in dirs if d is not None]
     if len(set(given)) != len(given):
         raise ValueError(f"out_dirs: every run needs its own folder, got {dirs}")
-    return _fit(configs, dirs, callbacks, progress, PackedStrategy())
+    return _fit(configs, dirs, callbacks, progress, PackedStrategy(), on_epoch)
 
 
 class _Run:
@@ -268,6 +273,7 @@ def _fit(
     callbacks: Iterable[Callback],
     progress: bool,
     run: Strategy,
+    on_epoch: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
     """The loop of :func:`fit` (one run) and :func:`fit_pack` (a pack of runs)."""
     runs = [_Run(c, d) for c, d in zip(configs, out_dirs, strict=True)]
@@ -431,6 +437,8 @@ def _fit(
                 if result.status != "finished":
                     result.status = "stopped"
                     leave(i)
+        if on_epoch is not None:
+            on_epoch([r.result for r in runs])
         if not live:
             break
     bar.close()

@@ -43,6 +43,14 @@ def sweep(
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted sweep; finished trials are not rerun.")
     ] = False,
+    pack: Annotated[
+        bool,
+        typer.Option(
+            "--pack",
+            help="Pack the grid, as `pack: true` in the space: the points that differ only in "
+            "λ and lr (fusible settings) train as one Ray trial.",
+        ),
+    ] = False,
 ) -> None:
     """Run a search space as a Ray Tune sweep, tracked in MLflow; print the results table."""
     from orchestration.failfast import stopped
@@ -51,7 +59,7 @@ def sweep(
     from orchestration.sweep import run_sweep
 
     hint = "finish it with: " + _resume_command(
-        space, address, tracking_uri, experiment, storage, max_concurrent
+        space, address, tracking_uri, experiment, storage, max_concurrent, pack
     )
     try:
         outcome = run_sweep(
@@ -62,6 +70,7 @@ def sweep(
             storage=storage,
             max_concurrent=max_concurrent,
             resume=resume,
+            pack=pack,
         )
     except (SpaceError, GuardError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -88,9 +97,12 @@ def _resume_command(space: Path, *options: object) -> str:
 
     names = ("--address", "--tracking-uri", "--experiment", "--storage", "--max-concurrent")
     args = ["modloss", "sweep", str(space)]
-    for name, value in zip(names, options, strict=True):
+    *valued, pack = options
+    for name, value in zip(names, valued, strict=True):
         if value is not None:
             args += [name, str(value)]
+    if pack:
+        args.append("--pack")
     return shlex.join([*args, "--resume"])
 
 

@@ -1,4 +1,5 @@
-"""A compact progress display for sweeps: one line per trial event, epochs throttled."""
+"""A compact progress display for sweeps: one line per trial event (a packed trial's end:
+one line per point), epochs throttled."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from modloss.names import curve
-from orchestration.tracking import error_text, trial_status
+from orchestration.tracking import error_text, point_name, trial_points, trial_status
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -23,8 +24,9 @@ def _fmt(value: Any) -> str:
 
 class ProgressPrinter(Callback):
     """Prints trial starts and ends, and each trial's epochs at most every ``interval`` s,
-    each line prefixed with the time since the start and the trials done out of ``total``
-    (the sweep's trial count; by default those created so far).
+    each line prefixed with the time since the start and the points done out of ``total``
+    (the sweep's points; by default those of the trials created so far) and running (a
+    trial is one point, or with ``pack: true`` the points of its pack).
 
     Ray pickles callbacks with the experiment, so this holds no stream: it writes to
     whatever ``sys.stdout`` is when it prints.
@@ -43,22 +45,26 @@ class ProgressPrinter(Callback):
         self.__init__(**state)
 
     def _print(self, trials: list[Trial], text: str) -> None:
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
+        def points(*statuses: str) -> int:
+            return sum(len(trial_points(t)) for t in trials if not statuses or t.status in statuses)
+
+        done, running = points("TERMINATED", "ERROR"), points("RUNNING")
         elapsed = time.monotonic() - self._start
         print(
-            f"[{elapsed:7.1f}s {done}/{self.total or len(trials)} done, {running} running] {text}",
+            f"[{elapsed:7.1f}s {done}/{self.total or points()} done, {running} running] {text}",
             file=sys.stdout,
             flush=True,
         )
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        self._print(trials, f"start    {trial}")
+        size = len(trial_points(trial))
+        self._print(trials, f"start    {trial}" + (f" ({size} points)" if size > 1 else ""))
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ):
-        epoch, epochs, now = result.get("epoch"), trial.config["train"]["epochs"], time.monotonic()
+        points = trial_points(trial, result)
+        epoch, epochs, now = result.get("epoch"), points[0][0]["epochs"], time.monotonic()
         if result.get("summary") or epoch is None:
             return
         last = self._last.get(trial.trial_id)
@@ -70,17 +76,22 @@ class ProgressPrinter(Callback):
             for k in (curve("train_loss"), curve("val_error"), "val_error")
             if k in result
         )
+        if len(points) > 1:  # the pack's val_error is its best point's
+            live = sum(report.get("status") == "running" for _, report in points)
+            shown += f" (best of {len(points)} points, {live} training)"
         self._print(trials, f"epoch    {trial} {epoch}/{epochs} {shown}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        last = trial.last_result or {}
-        status = trial_status("TERMINATED", last, trial.config["train"]["epochs"])
-        shown = " ".join(
-            f"{k} {_fmt(last[k])}"
-            for k in ("best_epoch", "val_error", "test_error")
-            if last.get(k) is not None
-        )
-        self._print(trials, f"{status:<8} {trial} {shown}")
+        packed = "pack" in trial.config
+        for config, last in trial_points(trial):
+            status = trial_status("TERMINATED", last, config["epochs"])
+            shown = " ".join(
+                f"{k} {_fmt(last[k])}"
+                for k in ("best_epoch", "val_error", "test_error")
+                if last.get(k) is not None
+            )
+            name = f"{trial}/{point_name(config)}" if packed else str(trial)
+            self._print(trials, f"{status:<8} {name} {shown}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         self._print(trials, f"retry    {trial} (failure {trial.num_failures})")

@@ -1,7 +1,8 @@
 """A trial's Tune reports, derived from its :class:`modloss.records.RunResult` without
 renaming: the run's summary metrics (:data:`modloss.names.SUMMARY_METRICS`, so
 ``val_error`` and ``test_error`` are the values at the best-validation epoch so far) and
-the latest epoch's point of every per-epoch curve (``epoch/...``)."""
+the latest epoch's point of every per-epoch curve (``epoch/...``). A packed trial reports
+each of its points' reports under ``points``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ from typing import Any
 from modloss.names import SUMMARY_METRICS
 from modloss.records import RunResult
 
-__all__ = ["METRIC", "MODE", "OBJECTIVES", "epoch_report", "summary_report"]
+__all__ = [
+    "METRIC",
+    "MODE",
+    "OBJECTIVES",
+    "POINTS_KEY",
+    "epoch_report",
+    "pack_report",
+    "summary_report",
+]
 
 METRIC = "val_error"  # model selection only ever sees validation
 MODE = "min"
 # The summary metrics a search may minimise (search.objectives): the validation ones, all
 # lower-is-better, all at the best-validation epoch.
 OBJECTIVES = tuple(name for name in SUMMARY_METRICS if name.startswith("val_"))
+POINTS_KEY = "points"  # a packed trial's reports: one per point, in pack order
 
 
 def epoch_report(result: RunResult) -> dict[str, Any]:
@@ -40,3 +50,16 @@ def summary_report(result: RunResult) -> dict[str, Any]:
     if result.status != "finished":
         report.update(dict.fromkeys(OBJECTIVES, math.nan))
     return report
+
+
+def pack_report(results: list[RunResult], *, summary: bool = False) -> dict[str, Any]:
+    """A packed trial's report: every point's own report (its epoch report, or its summary)
+    under ``points``; for Tune, the pack's epoch and the best ``val_error`` of its points."""
+    points = [summary_report(r) if summary else epoch_report(r) for r in results]
+    values = [p[METRIC] for p in points if math.isfinite(p[METRIC])]
+    report = {
+        "epoch": max(r.epochs_completed for r in results),
+        METRIC: min(values, default=math.nan),
+        POINTS_KEY: points,
+    }
+    return {**report, "summary": True} if summary else report

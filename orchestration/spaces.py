@@ -8,7 +8,9 @@ A space holds two kinds of keys, all at the top level of the file:
   TrainConfig's own defaults and validation;
 - sweep dimensions and scheduling: ``models``, ``lam``, ``lr``, ``trials`` (whose values
   have TrainConfig's field types), ``search``, ``scheduler``, ``resources``,
-  ``max_concurrent``, ``max_failures``, ``distributed``.
+  ``max_concurrent``, ``max_failures``, ``distributed``, ``pack`` (a grid's points that
+  differ only in :data:`modloss.pack.FUSIBLE_KEYS` trained as one Ray trial each, see
+  :meth:`SearchSpace.packs`).
 
 Where validation happens: :func:`load_space` (``SearchSpace.model_validate``) checks the
 file and builds every grid point (for a sampled search, every model at the ends of the
@@ -225,7 +227,8 @@ class Asha(_Section):
 
 
 class Resources(_Section):
-    """Resources per trial; a GPU fraction lets several small trials share one GPU."""
+    """Resources per Ray trial (with ``pack: true``, per pack: all its points train on
+    them together); a GPU fraction lets several small trials share one GPU."""
 
     cpus: Positive = 1.0
     gpus: Annotated[Number, Field(ge=0.0)] = 0.0
@@ -309,6 +312,7 @@ class SearchSpace(_Section):
     max_concurrent: PositiveInt | None = None
     max_failures: NonNegativeInt = 1
     distributed: Distributed | None = None
+    pack: bool = False
     # The file's SETTINGS keys as written; validated as part of every trial's TrainConfig.
     settings: dict[str, Any] = {}
 
@@ -329,6 +333,8 @@ class SearchSpace(_Section):
         """The space as a file would hold it, every shared setting as validated."""
         data = handler(self)
         data.pop("settings", None)
+        if not data.get("pack"):  # as spaces were before the key: a sweep recorded then resumes
+            data.pop("pack", None)
         return {**data, **{k: v for k, v in self.base_config().items() if k != "device"}}
 
     @model_validator(mode="after")
@@ -359,6 +365,8 @@ class SearchSpace(_Section):
                             f"lr: no learning rate for model {model} at λ={lam} "
                             "(add that λ or a 'default' to its row)"
                         )
+        if self.pack:
+            _check_packable(self)
         self._configs = _train_configs(self.points())
         if isinstance(self.scheduler, Asha) and len(self.objectives) > 1:
             raise ValueError(
@@ -428,6 +436,43 @@ class SearchSpace(_Section):
         if not isinstance(self.search, GridSearch):
             raise ValueError(f"search type {self.search.type!r} has no grid")
         return [{**cfg.model_dump(), "device": self.device} for cfg in self._configs]
+
+    def packs(self, points: list[dict[str, Any]] | None = None) -> list[list[dict[str, Any]]]:
+        """``points`` (grid points; default the whole grid) in packs: the points that agree
+        on every setting but the fusible ones (:data:`modloss.pack.FUSIBLE_KEYS`: λ, lr,
+        ...), in grid order, one pack per Ray trial (``pack: true``); else every point its
+        own pack of one."""
+        points = self.grid() if points is None else points
+        if not self.pack:
+            return [[point] for point in points]
+        import json
+
+        from modloss.pack import FUSIBLE_KEYS  # torch: only once a sweep runs
+
+        packs: dict[str, list[dict[str, Any]]] = {}
+        for point in points:
+            shared = {k: v for k, v in point.items() if k not in FUSIBLE_KEYS}
+            packs.setdefault(json.dumps(shared, sort_keys=True), []).append(point)
+        return list(packs.values())
+
+
+def _check_packable(space: SearchSpace) -> None:
+    """``pack: true`` needs every point known up front and each trained on one device."""
+    if not isinstance(space.search, GridSearch):
+        raise ValueError(
+            f"pack: true needs search.type 'grid', not {space.search.type!r}: a searcher "
+            "picks one point per trial as it goes, so there is no set of points to pack"
+        )
+    if isinstance(space.scheduler, Asha):
+        raise ValueError(
+            "pack: true cannot run with scheduler.type 'asha': ASHA stops trials one by one "
+            "and a packed trial trains several points at once; use scheduler.type 'none'"
+        )
+    if space.distributed is not None:
+        raise ValueError(
+            "pack: true cannot run with a distributed: section: a pack trains on one "
+            "device; remove one of the two"
+        )
 
 
 def _validated(config: dict[str, Any]) -> TrainConfig:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,13 @@ def linked_checkpoint(folder: Path) -> Any:
     return tune.Checkpoint(str(folder), filesystem=atomic_local_filesystem())
 
 
-def drop_corrupt_checkpoint(folder: Path) -> None:
+def drop_corrupt_checkpoint(folder: Path, runs: Sequence[Path] = (Path(),)) -> None:
     """A restored checkpoint folder with a checkpoint file that cannot be read is never
-    used: it is emptied, with a warning naming the file, and the run starts over from
+    used: it is emptied, with a warning naming the file, and the trial starts over from
     scratch (Tune keeps one checkpoint per trial, so there is no older one to fall back on).
 
+    ``runs``: where ``fit``'s run folders are in ``folder`` (a pack's points, each in its
+    subfolder; one unreadable point restarts them all, since a pack resumes together).
     Every checkpoint file is checked (``checkpoint.pt``, a module-parallel run's per-rank
     shards): each worker of a distributed run restores the whole folder, so every rank
     reaches the same decision without a collective, and ``fit`` never sees some ranks
@@ -115,13 +118,15 @@ def drop_corrupt_checkpoint(folder: Path) -> None:
     from modloss.files import PathError, load_checkpoint
     from modloss.names import CHECKPOINT_FILE, SHARD_CHECKPOINT_FILE
 
-    shards = sorted(folder.glob(SHARD_CHECKPOINT_FILE.format(rank="*")))
-    for path in [folder / CHECKPOINT_FILE, *shards]:
-        try:
-            if path.exists():
-                load_checkpoint(path)
-        except PathError as err:
-            print(f"warning: {err}; this run starts over from scratch", file=sys.stderr, flush=True)
-            shutil.rmtree(folder)
-            folder.mkdir()
-            return
+    for run in runs:
+        shards = sorted((folder / run).glob(SHARD_CHECKPOINT_FILE.format(rank="*")))
+        for path in [folder / run / CHECKPOINT_FILE, *shards]:
+            try:
+                if path.exists():
+                    load_checkpoint(path)
+            except PathError as err:
+                warning = f"warning: {err}; this trial starts over from scratch"
+                print(warning, file=sys.stderr, flush=True)
+                shutil.rmtree(folder)
+                folder.mkdir()
+                return

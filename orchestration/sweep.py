@@ -9,10 +9,16 @@ resumes from it. The experiment lives at ``STORAGE/NAME`` (NAME: the space's nam
 edited space adds on ``--resume`` run as a further Tune experiment in that folder
 (``STORAGE/NAME/extension-N``, recorded by :func:`orchestration.guards.record_extension`),
 under the same MLflow parent run; the results table covers them all.
+
+With ``pack: true`` a trial is a pack of grid points (:meth:`SearchSpace.packs`) trained by
+:func:`modloss.train.fit_pack`, each point's run in its own subfolder
+(:data:`modloss.names.POINT_FOLDER`) of the trial's folder; the whole folder is the trial's
+checkpoint, and each report carries every point's report (``points``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -23,10 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modloss.names import RESULTS_CSV, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SUMMARY_METRICS
+from modloss.names import (
+    CHECKPOINT_FILE,
+    POINT_FOLDER,
+    RESULTS_CSV,
+    RESULTS_FILE,
+    ROBUSTNESS_CSV,
+    ROBUSTNESS_PNG,
+    SUMMARY_METRICS,
+)
 from orchestration import guards
 from orchestration.compat import shutdown_own_ray, start_local_ray
-from orchestration.reports import METRIC, MODE, epoch_report, summary_report
+from orchestration.reports import METRIC, MODE, epoch_report, pack_report, summary_report
 from orchestration.spaces import (
     Asha,
     GridSearch,
@@ -40,6 +54,8 @@ from orchestration.tracking import (
     DEFAULT_TRACKING_URI,
     SweepRecord,
     analysis_tables,
+    point_name,
+    trial_points,
     trial_status,
     ui_hint,
 )
@@ -58,9 +74,10 @@ __all__ = [
 ]
 
 DEFAULT_STORAGE = "ray_results"
-# results.csv: a trial's coordinates and status, then its summary metrics, named as in
-# results.json (modloss.records.RunResult) and in MLflow.
-TABLE_COLUMNS = ["model", "lam", "trial", "lr", "status", *SUMMARY_METRICS, "trial_id"]
+# results.csv: a point's coordinates and status, then its summary metrics, named as in
+# results.json (modloss.records.RunResult) and in MLflow, then its Ray trial and its index
+# in that trial's pack (0 when not packed).
+TABLE_COLUMNS = ["model", "lam", "trial", "lr", "status", *SUMMARY_METRICS, "trial_id", "point"]
 # Summary metrics in results.csv that the printed table leaves out, to stay readable.
 _CSV_ONLY = ("val_ece", "test_ece", "val_brier", "test_brier")
 
@@ -69,13 +86,14 @@ def train_trial(config: dict[str, Any]) -> None:
     """Tune trainable: ``modloss.train.fit`` of ``config["train"]``, checkpointed each epoch,
     the last epoch's checkpoint with the analysis artifacts, then a summary report.
 
-    Ends normally for a diverged run (status ``diverged`` in its last report).
+    Ends normally for a diverged run (status ``diverged`` in its last report). A packed
+    trial (``config["pack"]``) is :func:`_train_pack`'s.
     """
     from ray import tune
 
     from modloss.records import RunResult
     from modloss.train import TrainConfig, fit
-    from orchestration.storage import drop_corrupt_checkpoint, linked_checkpoint
+    from orchestration.storage import linked_checkpoint
 
     if "distributed" in config:  # one Ray Train run per trial, on several workers
         from orchestration.distributed import train_trial as train_distributed
@@ -85,15 +103,12 @@ def train_trial(config: dict[str, Any]) -> None:
 
     # Ray logs every persisted checkpoint at INFO: one line per trial and epoch.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if "pack" in config:
+        _train_pack(config)
+        return
     train = TrainConfig.model_validate(config["train"])
-    # fit's folder is scratch space: Tune's checkpoint is authoritative, so a restarted
-    # trial starts from a copy of it (or from nothing), never from a stale local folder.
-    out_dir = Path(tempfile.mkdtemp(prefix=f"modloss-{tune.get_context().get_trial_id()}-"))
+    out_dir = _restored_folder([Path()])
     try:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            checkpoint.to_directory(str(out_dir))
-            drop_corrupt_checkpoint(out_dir)
 
         def report(result: RunResult, out: Path | None) -> None:
             if result.status == "diverged":
@@ -115,13 +130,79 @@ def train_trial(config: dict[str, Any]) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _analysis_artifacts(out_dir: Path, train: Any) -> None:
+def _train_pack(config: dict[str, Any]) -> None:
+    """Tune trainable of a packed trial: ``modloss.train.fit_pack`` of ``config["pack"]``,
+    point g's run in subfolder ``POINT_FOLDER`` g. One report per epoch of the pack, with
+    every point's epoch report and the whole folder as checkpoint; a point that finished or
+    diverged that epoch gets its analysis artifacts first. Then a summary report."""
+    import torch
+    from ray import tune
+
+    from modloss.records import RunResult
+    from modloss.train import TrainConfig, build_splits, fit_pack
+    from orchestration.storage import linked_checkpoint
+
+    trains = [TrainConfig.model_validate(c) for c in config["pack"]]
+
+    @functools.cache
+    def cpu_splits() -> Any:  # the points' splits are the same: loaded once for the analyses
+        return build_splits(trains[0], torch.device("cpu"))
+
+    folders = [Path(POINT_FOLDER.format(point=g)) for g in range(len(trains))]
+    out_dir = _restored_folder(folders)
+    runs = [out_dir / folder for folder in folders]
+
+    def ended(run: Path) -> bool:
+        path = run / RESULTS_FILE
+        return path.is_file() and RunResult.read(path).status != "running"
+
+    # Points that ended before the restored checkpoint have their analyses in it already;
+    # they are written once, since the checkpoint's files are hard links of these.
+    analysed = {g for g, run in enumerate(runs) if ended(run)}
+
+    def report(results: list[RunResult]) -> None:
+        for g, result in enumerate(results):
+            if result.status in ("finished", "diverged") and g not in analysed:
+                _analysis_artifacts(runs[g], trains[g], cpu_splits())
+                analysed.add(g)
+        tune.report(pack_report(results), checkpoint=linked_checkpoint(out_dir))
+
+    try:
+        results = fit_pack(trains, runs, on_epoch=report)
+        tune.report(pack_report(results, summary=True))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _restored_folder(runs: list[Path]) -> Path:
+    """A new scratch folder for fit, holding a copy of the trial's last Tune checkpoint if
+    it has one; ``runs``: where in it fit's run folders are. Tune's checkpoint is
+    authoritative, so a restarted trial starts from a copy of it (or from nothing), never
+    from a stale local folder. The caller removes the folder."""
+    from ray import tune
+
+    from orchestration.storage import drop_corrupt_checkpoint
+
+    out_dir = Path(tempfile.mkdtemp(prefix=f"modloss-{tune.get_context().get_trial_id()}-"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(out_dir))
+            drop_corrupt_checkpoint(out_dir, runs)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _analysis_artifacts(out_dir: Path, train: Any, splits: Any = None) -> None:
     """Small summaries of the best epoch's saved logits, written next to fit's files so
     that the final checkpoint carries them: the robustness curve (Fig. 4), the tables of
     :func:`orchestration.tracking.analysis_tables` and the uncertainty analyses of
     :func:`_uncertainty_artifacts` (temperature, rotation shift, OOD, reliability).
     Computed here, in the trial's worker, rather than on the driver, whose event loop
-    schedules every trial."""
+    schedules every trial. ``splits``: ``train``'s on the CPU, if already loaded (a pack's
+    points share theirs)."""
     from modloss.analysis import load_logits, plot_robustness, robustness
 
     for name, table in analysis_tables(out_dir).items():
@@ -133,7 +214,7 @@ def _analysis_artifacts(out_dir: Path, train: Any) -> None:
     if logits.family != "categorical":
         return
     title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
-    _uncertainty_artifacts(out_dir, train, logits, title)
+    _uncertainty_artifacts(out_dir, train, logits, title, splits)
     if logits.eta.shape[0] < 2:
         return
     frame = robustness(logits.eta, logits.target)
@@ -141,7 +222,9 @@ def _analysis_artifacts(out_dir: Path, train: Any) -> None:
     plot_robustness({f"λ={train.lam:g}": frame}, out_dir / ROBUSTNESS_PNG, title=title)
 
 
-def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> None:
+def _uncertainty_artifacts(
+    out_dir: Path, train: Any, test: Any, title: str, splits: Any = None
+) -> None:
     """:func:`modloss.uncertainty.selected_epoch` of the best-validation epoch: its model
     rebuilt from the checkpoint's ``best_model``, its splits reloaded on the CPU (the
     analyses are a few forward passes). A module-parallel run (one checkpoint shard per
@@ -150,7 +233,6 @@ def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> 
 
     from modloss.analysis import load_logits
     from modloss.files import load_checkpoint
-    from modloss.names import CHECKPOINT_FILE
     from modloss.train import build_model, build_splits
     from modloss.uncertainty import selected_epoch
 
@@ -162,7 +244,8 @@ def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> 
         return
     model = build_model(train)
     model.load_state_dict(best)
-    splits = build_splits(train, torch.device("cpu"))
+    if splits is None:
+        splits = build_splits(train, torch.device("cpu"))
     val = load_logits(out_dir, "val")
     selected_epoch(
         model,
@@ -177,8 +260,10 @@ def _uncertainty_artifacts(out_dir: Path, train: Any, test: Any, title: str) -> 
 
 
 def _trial_name(trial: Trial) -> str:
-    cfg = trial.config["train"]
-    return f"{cfg['model']}_lam{cfg['lam']:.4g}_t{cfg['trial']}"
+    pack = trial.config.get("pack")
+    if pack is None:
+        return point_name(trial.config["train"])
+    return f"{pack[0]['model']}_pack{len(pack)}_t{pack[0]['trial']}"
 
 
 def _trial_dirname(trial: Trial) -> str:
@@ -187,10 +272,13 @@ def _trial_dirname(trial: Trial) -> str:
 
 def param_space(space: SearchSpace, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Tune's param_space: every trial's TrainConfig under ``"train"`` (and the space's
-    ``distributed:`` section under ``"distributed"``). A grid search runs ``points`` (grid
-    points of the space; default all of them)."""
+    ``distributed:`` section under ``"distributed"``), or with ``pack: true``, every trial's
+    pack of TrainConfigs under ``"pack"``. A grid search runs ``points`` (grid points of the
+    space; default all of them)."""
     from ray import tune
 
+    if space.pack:
+        return {"pack": tune.grid_search(_longest_first(space.packs(points)))}
     # A distributed: section travels with every trial (orchestration.distributed).
     extra = {"distributed": space.distributed.model_dump()} if space.distributed else {}
     if isinstance(space.search, GridSearch):
@@ -217,14 +305,17 @@ def param_space(space: SearchSpace, points: list[dict[str, Any]] | None = None) 
     return {"train": train, **extra}
 
 
-def _longest_first(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The grid with the ensembles of most members first (stable otherwise): Tune starts
+def _longest_first(grid: list[Any]) -> list[Any]:
+    """The grid (or its packs) with the ensembles of most members first (stable otherwise):
+    Tune starts
     trials in grid order, and ending on the short trials rather than a long one running
     alone shortens the sweep (smoke: 256-member trials take about twice a 16-member one's
     time). Member count is a proxy for cost within a model family only."""
     from modloss.models import num_members
 
-    def members(cfg: dict[str, Any]) -> int:
+    def members(cfg: dict[str, Any] | list[dict[str, Any]]) -> int:
+        if isinstance(cfg, list):  # a pack: its points share the model
+            return len(cfg) * members(cfg[0])
         return num_members(cfg["model"], **(cfg.get("model_overrides") or {}))
 
     return sorted(grid, key=lambda c: -members(c))
@@ -279,30 +370,32 @@ def _tune_config(space: SearchSpace) -> Any:
 
 
 def results_table(trials: list[Trial]) -> pd.DataFrame:
-    """One row per trial: its coordinates, status and test error at the best-validation epoch."""
+    """One row per trial (per point of a packed trial): its coordinates, status and test
+    error at the best-validation epoch."""
     import pandas as pd
 
     rows = []
     for trial in trials:
-        cfg, last = trial.config["train"], trial.last_result or {}
-        rows.append(
-            {
-                "model": cfg["model"],
-                "lam": cfg["lam"],
-                "trial": cfg["trial"],
-                "lr": cfg["lr"] if cfg["lr"] is not None else _paper_lr(cfg),
-                "status": trial_status(trial.status, last, cfg["epochs"]),
-                **{name: last.get(name) for name in SUMMARY_METRICS},
-                "trial_id": trial.trial_id,
-            }
-        )
+        for point, (cfg, last) in enumerate(trial_points(trial)):
+            rows.append(
+                {
+                    "model": cfg["model"],
+                    "lam": cfg["lam"],
+                    "trial": cfg["trial"],
+                    "lr": cfg["lr"] if cfg["lr"] is not None else _paper_lr(cfg),
+                    "status": trial_status(trial.status, last, cfg["epochs"]),
+                    **{name: last.get(name) for name in SUMMARY_METRICS},
+                    "trial_id": trial.trial_id,
+                    "point": point,
+                }
+            )
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return table.sort_values(["model", "lam", "trial"], kind="stable").reset_index(drop=True)
 
 
 def sweep_status(table: pd.DataFrame | None, num_trials: int) -> str:
-    """The sweep's MLflow status: KILLED until every trial has ended, then FAILED if one
-    failed, else FINISHED."""
+    """The sweep's MLflow status: KILLED until every trial (each of ``num_trials`` rows:
+    points, of a packed sweep) has ended, then FAILED if one failed, else FINISHED."""
     if table is None or len(table) < num_trials:
         return "KILLED"  # the searcher had not even created every trial
     if table["status"].isin(["interrupted", "pending"]).any():
@@ -311,6 +404,7 @@ def sweep_status(table: pd.DataFrame | None, num_trials: int) -> str:
 
 
 def _num_trials(space: SearchSpace) -> int:
+    """The sweep's trials, as the results table counts them: a packed trial's points each."""
     grid = isinstance(space.search, GridSearch)
     return len(space.points()) if grid else space.search.num_samples
 
@@ -341,15 +435,19 @@ def run_sweep(
     storage: str | Path | None = None,
     max_concurrent: int | None = None,
     resume: bool = False,
+    pack: bool = False,
     out=sys.stdout,
 ) -> SweepOutcome:
-    """Run (or with ``resume``, finish) the sweep of ``space_file``.
+    """Run (or with ``resume``, finish) the sweep of ``space_file`` (with ``pack``, packed
+    as by ``pack: true`` in the space).
 
     Everything that can be checked without Ray is checked before Ray starts: the space,
     the experiment folder, the tracking store. Raises :class:`SpaceError` or
     :class:`orchestration.tracking.TrackingError` for those.
     """
-    space = load_space(space_file, name=experiment, max_concurrent=max_concurrent)
+    space = load_space(
+        space_file, name=experiment, max_concurrent=max_concurrent, pack=pack or None
+    )
     exp_dir = Path(storage or DEFAULT_STORAGE).resolve() / space.name
     # Checks that create nothing first: a refused sweep leaves no storage folder behind.
     guards.check_tracking_uri(_tracking_uri(tracking_uri, SweepRecord.load(exp_dir)))
@@ -537,8 +635,12 @@ def _print_table(table: pd.DataFrame, csv: Path, out: Any, num_trials: int) -> N
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_rows", 500):
-        shown = [c for c in table.columns if c not in ("trial_id", *_CSV_ONLY)]
+        shown = [c for c in table.columns if c not in ("trial_id", "point", *_CSV_ONLY)]
         text = table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}")
     print(text, file=out)
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
-    print(f"\n{len(table)} of {num_trials} trials started ({counts}); table: {csv}", file=out)
+    started = f"{len(table)} of {num_trials} trials started"
+    packs = table["trial_id"].nunique()
+    if packs < len(table):  # a trial of the table is a point
+        started = f"{len(table)} of {num_trials} points started, in {packs} packed Ray trials"
+    print(f"\n{started} ({counts}); table: {csv}", file=out)

@@ -1,13 +1,15 @@
 """MLflow tracking of a sweep, all of it from the driver process.
 
-One parent run per sweep and one nested child run per trial (tag ``mlflow.parentRunId``).
+One parent run per sweep and one nested child run per trial (tag ``mlflow.parentRunId``),
+or per point of a packed trial (tag ``point``: its index in the trial's pack).
 Every write goes through :class:`TrialLogger`, a Ray Tune callback that runs in the
 driver, or :class:`SweepTracker`, which the driver calls before and after the Tuner: one
 process writes, so a SQLite store never sees concurrent writers. Per-epoch metrics go in
 one ``log_batch`` per epoch, step = epoch. A resumed sweep finds its parent run in the Ray
-experiment directory (``mlflow_sweep.json``) and each trial's child by its ``trial_id``
-tag, so resuming adds no runs; reconciling the children with Ray's trial states at the end
-leaves no run RUNNING after a crash, a failed trial or an interrupted driver.
+experiment directory (``mlflow_sweep.json``) and each trial's children by their ``trial_id``
+and ``point`` tags, so resuming adds no runs; reconciling the children with Ray's trial
+states at the end leaves no run RUNNING after a crash, a failed trial or an interrupted
+driver.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from modloss.names import (
     NUM_MEMBERS_TAG,
     OOD_DATASET_TAG,
     PARENT_TAG,
+    POINT_FOLDER,
+    POINT_TAG,
     ROLE_TAG,
     SELECTED_EPOCH_FILE,
     SELECTED_EPOCH_METRICS,
@@ -44,6 +48,7 @@ from modloss.names import (
     curve,
 )
 from orchestration.guards import DEFAULT_TRACKING_URI, TrackingError, check_tracking_uri
+from orchestration.reports import POINTS_KEY
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,6 +68,8 @@ __all__ = [
     "check_tracking_uri",
     "epoch_metrics",
     "error_text",
+    "point_name",
+    "trial_points",
     "trial_status",
 ]
 
@@ -155,6 +162,26 @@ def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs:
     return "interrupted" if last else "pending"
 
 
+def trial_points(
+    trial: Trial, report: Mapping[str, Any] | None = None
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """A trial's points (TrainConfig dicts) with each one's part of ``report`` (default: the
+    trial's latest): an unpacked trial is one point and the whole report; a packed trial
+    (``config["pack"]``) has its points in pack order, each with its own report."""
+    last = trial.last_result if report is None else report
+    last = last or {}
+    pack = trial.config.get("pack")
+    if pack is None:
+        return [(trial.config["train"], last)]
+    reports = last.get(POINTS_KEY) or [{}] * len(pack)
+    return list(zip(pack, reports, strict=True))
+
+
+def point_name(config: Mapping[str, Any]) -> str:
+    """A point's name: its model, λ and trial (an unpacked trial's name, a child run's)."""
+    return f"{config['model']}_lam{config['lam']:.4g}_t{config['trial']}"
+
+
 def error_text(trial: Trial) -> str:
     """A failed trial's error log, from the file Ray writes on the driver before calling
     the callbacks (the copy in storage is synced later)."""
@@ -219,14 +246,20 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def _children(client: MlflowClient, record: SweepRecord) -> dict[str, Any]:
-    """The sweep's child runs by trial id."""
-    runs = client.search_runs(
-        [record.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{record.parent_run_id}'",
-        max_results=50_000,
-    )
-    return {r.data.tags[TRIAL_ID_TAG]: r for r in runs if TRIAL_ID_TAG in r.data.tags}
+def _children(
+    client: MlflowClient, record: SweepRecord, trial_id: str | None = None
+) -> dict[tuple[str, int], Any]:
+    """The sweep's child runs (of one trial, with ``trial_id``) by trial id and point (a run
+    without a point tag is point 0: from before packing existed)."""
+    query = f"tags.`{PARENT_TAG}` = '{record.parent_run_id}'"
+    if trial_id is not None:
+        query += f" and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
+    runs = client.search_runs([record.experiment_id], filter_string=query, max_results=50_000)
+    return {
+        (r.data.tags[TRIAL_ID_TAG], int(r.data.tags.get(POINT_TAG, 0))): r
+        for r in runs
+        if TRIAL_ID_TAG in r.data.tags
+    }
 
 
 class SweepTracker:
@@ -273,7 +306,7 @@ class SweepTracker:
         results CSV and close the parent run with ``status``."""
         children = _children(self.client, record)
         for row in [] if table is None else table.to_dict("records"):
-            run = children.pop(row["trial_id"], None)
+            run = children.pop((row["trial_id"], int(row.get("point", 0))), None)
             if run is not None:
                 self._settle(run, row["status"])
         for run in children.values():  # no result table: the driver was interrupted
@@ -293,7 +326,8 @@ class SweepTracker:
 
 
 class TrialLogger(Callback):
-    """Ray Tune callback (driver side) writing one nested child run per trial.
+    """Ray Tune callback (driver side) writing one nested child run per trial (per point of
+    a packed trial).
 
     Ray pickles the callbacks of a Tuner into its experiment state and restores them on
     ``Tuner.restore``; only the constructor's arguments survive that, everything else is
@@ -303,8 +337,8 @@ class TrialLogger(Callback):
     def __init__(self, record: SweepRecord) -> None:
         self.record = record
         self._client: MlflowClient | None = None
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self._last_step: dict[str, int] = {}
+        self._runs: dict[str, list[str]] = {}  # trial id -> run id of each point
+        self._last_step: dict[tuple[str, int], int] = {}  # (trial id, point) -> epoch
 
     def __getstate__(self) -> dict[str, Any]:
         return {"record": self.record}
@@ -319,75 +353,76 @@ class TrialLogger(Callback):
         return self._client
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        run = self._existing(trial.trial_id)
-        config = trial.config["train"]
-        if run is None:
-            run_id = self._create(trial, config)
-            self._last_step[trial.trial_id] = 0
-        else:
+        existing = _children(self.client, self.record, trial.trial_id)
+        run_ids = []
+        for point, (config, _) in enumerate(trial_points(trial)):
+            run, key = existing.get((trial.trial_id, point)), (trial.trial_id, point)
+            if run is None:
+                run_ids.append(self._create(trial, point, config))
+                self._last_step[key] = 0
+                continue
             run_id = run.info.run_id
             self.client.update_run(run_id, status="RUNNING")
             starts = int(run.data.tags.get("starts", "1")) + 1
             self.client.set_tag(run_id, "starts", str(starts))
             self.client.set_tag(run_id, "status", "running")
             history = self.client.get_metric_history(run_id, curve("val_error"))
-            self._last_step[trial.trial_id] = max((m.step for m in history), default=0)
-        self._runs[trial.trial_id] = run_id
+            self._last_step[key] = max((m.step for m in history), default=0)
+            run_ids.append(run_id)
+        self._runs[trial.trial_id] = run_ids
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ):
         from mlflow.entities import Metric
 
-        run_id = self._run_id(trial)
-        step = result.get("epoch")
-        # The final summary report (no step) and epochs logged before a restore are skipped.
-        if result.get("summary") or step is None or step <= self._last_step.get(trial.trial_id, 0):
+        if result.get("summary"):  # the closing summary: logged by on_trial_complete
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, int(step)) for k, v in epoch_metrics(result).items()]
-        self.client.log_batch(run_id, metrics=metrics, synchronous=True)
-        self._last_step[trial.trial_id] = int(step)
+        run_ids = self._run_ids(trial)
+        for point, (_, report) in enumerate(trial_points(trial, result)):
+            # A point's epochs logged before a restore, or not new (it left its pack), are
+            # skipped.
+            step, key = report.get("epoch"), (trial.trial_id, point)
+            if step is None or step <= self._last_step.get(key, 0):
+                continue
+            metrics = [Metric(k, v, now, int(step)) for k, v in epoch_metrics(report).items()]
+            self.client.log_batch(run_ids[point], metrics=metrics, synchronous=True)
+            self._last_step[key] = int(step)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         from mlflow.entities import Metric
 
-        run_id = self._run_id(trial)
-        last = trial.last_result or {}
-        status = trial_status("TERMINATED", last, trial.config["train"]["epochs"])
-        now = int(time.time() * 1000)
-        summary = {
-            k: float(last[k])
-            for k in SUMMARY_METRICS
-            if isinstance(last.get(k), int | float) and math.isfinite(last[k])
-        }
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
-        self._log_checkpoint_files(run_id, trial)
-        self.client.set_tag(run_id, "status", status)
-        self.client.set_terminated(run_id, "FINISHED")
+        packed = "pack" in trial.config
+        for point, ((config, last), run_id) in enumerate(
+            zip(trial_points(trial), self._run_ids(trial), strict=True)
+        ):
+            status = trial_status("TERMINATED", last, config["epochs"])
+            now = int(time.time() * 1000)
+            summary = {
+                k: float(last[k])
+                for k in SUMMARY_METRICS
+                if isinstance(last.get(k), int | float) and math.isfinite(last[k])
+            }
+            metrics = [Metric(k, v, now, 0) for k, v in summary.items()]
+            self.client.log_batch(run_id, metrics=metrics)
+            folder = POINT_FOLDER.format(point=point) if packed else ""
+            self._log_checkpoint_files(run_id, trial, folder)
+            self.client.set_tag(run_id, "status", status)
+            self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        run_id = self._run_id(trial)
-        self.client.set_tag(run_id, "failures", str(trial.num_failures))
+        for run_id in self._run_ids(trial):
+            self.client.set_tag(run_id, "failures", str(trial.num_failures))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        run_id = self._run_id(trial)
-        self.client.set_tag(run_id, "status", "failed")
-        self.client.set_tag(run_id, "error", error_text(trial)[-5000:])
-        self.client.set_terminated(run_id, "FAILED")
+        error = error_text(trial)[-5000:]
+        for run_id in self._run_ids(trial):
+            self.client.set_tag(run_id, "status", "failed")
+            self.client.set_tag(run_id, "error", error)
+            self.client.set_terminated(run_id, "FAILED")
 
-    def _existing(self, trial_id: str) -> Any:
-        runs = self.client.search_runs(
-            [self.record.experiment_id],
-            filter_string=(
-                f"tags.`{PARENT_TAG}` = '{self.record.parent_run_id}' "
-                f"and tags.trial_id = '{trial_id}'"
-            ),
-            max_results=1,
-        )
-        return runs[0] if runs else None
-
-    def _create(self, trial: Trial, config: Mapping[str, Any]) -> str:
+    def _create(self, trial: Trial, point: int, config: Mapping[str, Any]) -> str:
         from mlflow.entities import Param
 
         from modloss.models import num_members
@@ -400,6 +435,7 @@ class TrialLogger(Callback):
             PARENT_TAG: self.record.parent_run_id,
             SWEEP_ID_TAG: self.record.sweep_id,
             TRIAL_ID_TAG: trial.trial_id,
+            POINT_TAG: str(point),
             "model": config["model"],
             NUM_MEMBERS_TAG: str(members),
             "lam": repr(config["lam"]),
@@ -408,23 +444,27 @@ class TrialLogger(Callback):
             "status": "running",
             "starts": "1",
         }
-        run = self.client.create_run(self.record.experiment_id, run_name=str(trial), tags=tags)
+        run_name = point_name(config)  # an unpacked trial's name
+        run = self.client.create_run(self.record.experiment_id, run_name=run_name, tags=tags)
         params = [Param(k, v) for k, v in _params(config).items()]
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
 
-    def _run_id(self, trial: Trial) -> str:
+    def _run_ids(self, trial: Trial) -> list[str]:
+        """The run of each of the trial's points."""
         if trial.trial_id not in self._runs:  # e.g. a restored trial that never restarted
-            run = self._existing(trial.trial_id)
-            if run is None:
+            existing = _children(self.client, self.record, trial.trial_id)
+            runs = [existing.get((trial.trial_id, p)) for p in range(len(trial_points(trial)))]
+            if None in runs:
                 self.on_trial_start(0, [], trial)
             else:
-                self._runs[trial.trial_id] = run.info.run_id
+                self._runs[trial.trial_id] = [run.info.run_id for run in runs]
         return self._runs[trial.trial_id]
 
-    def _log_checkpoint_files(self, run_id: str, trial: Trial) -> None:
-        """Copy the few files worth keeping out of the trial's last checkpoint (which may
-        be large, and on any filesystem Ray supports) and attach them to its run."""
+    def _log_checkpoint_files(self, run_id: str, trial: Trial, folder: str = "") -> None:
+        """Copy the few files worth keeping out of ``folder`` (a packed point's) of the
+        trial's last checkpoint (which may be large, and on any filesystem Ray supports) and
+        attach them to its run."""
         import pyarrow.fs as pafs
 
         checkpoint = trial.checkpoint
@@ -432,8 +472,9 @@ class TrialLogger(Callback):
             return
         fs = checkpoint.filesystem
         with tempfile.TemporaryDirectory() as tmp:
+            root = f"{checkpoint.path}/{folder}" if folder else checkpoint.path
             for name in TRIAL_ARTIFACTS:
-                source = f"{checkpoint.path}/{name}"
+                source = f"{root}/{name}"
                 if fs.get_file_info(source).type == pafs.FileType.File:
                     pafs.copy_files(source, f"{tmp}/{name}", source_filesystem=fs)
                     self.client.log_artifact(run_id, f"{tmp}/{name}")

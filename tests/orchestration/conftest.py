@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,3 +29,11 @@ def make_space(tmp_path: Path, data_dir: Path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for the module's in-process sweeps."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -60,6 +60,13 @@ BAD_SPACES = [
         },
         ["ASHA", "val_ece", "'none'"],
     ),
+    ("pack-asha", {"pack": True, "scheduler": {"type": "asha"}}, ["pack: true", "'asha'"]),
+    (
+        "pack-optuna",
+        {"pack": True, "search": {"type": "optuna", "num_samples": 2}},
+        ["pack: true", "'grid'", "'optuna'"],
+    ),
+    ("pack-distributed", {"pack": True, "distributed": {}}, ["pack: true", "distributed:"]),
 ]
 
 
@@ -94,6 +101,16 @@ def test_bad_space_is_refused_before_anything_runs(
     assert not ray.is_initialized()
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_pack_flag_is_checked_with_the_space(app, make_space, tmp_path, monkeypatch):
+    """--pack makes the space packed: an ASHA space is then refused, as with pack: true."""
+    monkeypatch.chdir(tmp_path)
+    path = make_space(scheduler={"type": "asha"})
+    result = CliRunner().invoke(app, ["sweep", str(path), "--pack"])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "pack: true cannot run with scheduler.type 'asha'" in result.output
+    assert not ray.is_initialized() and not (tmp_path / "ray_results").exists()
 
 
 def test_negative_max_concurrent_is_refused(app):

@@ -209,3 +209,52 @@ def test_resume_runs_the_grid_points_an_edited_space_adds(tmp_path, data_dir):
 
     report = load_sweep("grow", tracking_uri=uri)  # `modloss report` sees one sweep of 6
     assert len(report.runs) == 6 and not report.duplicates
+
+
+def test_killed_packed_sweep_is_finished_by_resume(mlflow_server, make_space, tmp_path):
+    """``--pack``: two packed Ray trials (one per trial seed) of two points each, one at a
+    time; SIGKILL once a point has finished, then --resume: every point ends exactly once."""
+    name = "resume-packed"
+    lams, trials = [0.0, 1.0], 2
+    space = make_space(
+        name=name, models=["16-M-64-H"], lam=lams, trials=trials, epochs=EPOCHS, subset=500,
+        max_concurrent=1,
+    )  # fmt: skip
+    command = [MODLOSS, "sweep", str(space), "--tracking-uri", mlflow_server, "--pack"]
+    client = MlflowClient(mlflow_server)
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()
+        assert time.monotonic() < deadline, "no point finished in time"
+        time.sleep(0.5)
+        _, children = _runs(client, name)
+        if any(r.data.tags.get("status") == "finished" for r in children):
+            break
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=120)
+    log.close()
+    _, children = _runs(client, name)
+    assert sum(r.data.tags.get("status") == "finished" for r in children) < len(lams) * trials
+
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "4 of 4 points started, in 2 packed Ray trials (4 finished)" in resumed.stdout
+
+    parent, children = _runs(client, name)
+    assert parent.info.status == "FINISHED"
+    points = sorted((r.data.tags["trial_id"], r.data.tags["point"]) for r in children)
+    assert len(points) == len(set(points)) == len(lams) * trials  # none duplicated
+    assert len({trial_id for trial_id, _ in points}) == trials
+    assert sorted((float(r.data.params["lam"]), r.data.params["trial"]) for r in children) == [
+        (lam, str(t)) for lam in lams for t in range(trials)
+    ]
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, curve("val_error"))]
+        assert sorted(steps) == list(range(1, EPOCHS + 1))  # no epoch logged twice
+    table = pd.read_csv(tmp_path / "ray_results" / name / "results.csv")
+    assert len(table) == len(lams) * trials and set(table.status) == {"finished"}

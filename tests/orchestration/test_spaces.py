@@ -225,3 +225,31 @@ def test_a_dumped_space_is_the_same_space(name):
     assert again.model_dump(mode="json") == dumped
     if isinstance(space.search, GridSearch):
         assert again.grid() == space.grid()
+
+
+def test_table2_packs_into_one_trial_per_model_and_trial():
+    """pack: true groups the points that differ only in fusible settings (λ and its lr)."""
+    space = load_space(SPACES / "fmnist_table2.yaml")
+    packs = space.packs()
+    assert space.pack and len(packs) == 4 * 5 and {len(p) for p in packs} == {7}
+    for pack in packs:
+        assert len({(p["model"], p["trial"]) for p in pack}) == 1
+        assert [p["lam"] for p in pack] == space.lam
+    assert sorted(map(str, (p for pack in packs for p in pack))) == sorted(map(str, space.grid()))
+    unpacked = load_space(SPACES / "fmnist_table2.yaml", pack=False).packs()
+    assert len(unpacked) == 140 and {len(p) for p in unpacked} == {1}
+
+
+def test_pack_is_part_of_the_space_a_resume_checks(tmp_path):
+    """An unpacked space is recorded without the key, as before ``pack`` existed (so those
+    sweeps still resume); resuming it packed is refused, naming the key."""
+    import json
+
+    from orchestration.guards import SPACE_FILE, GuardError, check_resumed_space, save_space
+
+    plain = load_space(SPACES / "fmnist_table2.yaml", pack=False)
+    save_space(tmp_path, plain)
+    assert "pack" not in json.loads((tmp_path / SPACE_FILE).read_text())
+    check_resumed_space(tmp_path, plain)
+    with pytest.raises(GuardError, match="pack: None -> True"):
+        check_resumed_space(tmp_path, load_space(SPACES / "fmnist_table2.yaml"))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 from mlflow import MlflowClient
 
 from modloss.names import (
@@ -32,13 +31,6 @@ from orchestration.sweep import _analysis_artifacts, _tune_config, param_space, 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _children(client: MlflowClient, parent_run_id: str, experiment: str) -> list:
