@@ -3,9 +3,10 @@ evaluation forward, evaluation metrics and the checkpoint write, as ratios measu
 same run.
 
 The epoch follows ``modloss.train.fit``: 500 SGD steps of batch 100 over the 50,000 training
-images, :class:`modloss.metrics.EpochMetrics` updated from each step's own forward output,
-then an eval-mode forward over validation and test (10,000 each, batches of 1,000) with
-their metrics, then ``torch.save`` of the model and optimizer state. Each part is timed on
+images, :class:`modloss.metrics.EpochMetrics` updated from each step's own forward output
+and the softmax its loss computed (``modular_loss_and_softmax``), then an eval-mode forward
+over validation and test (10,000 each, batches of 1,000) with their metrics, then
+``torch.save`` of the model and optimizer state. Each part is timed on
 its own; the baseline is "SGD steps + evaluation forward", the work an epoch cannot skip,
 and the goal is ``epoch / baseline <= 1.25`` with every metric included. Repetitions of the
 models are interleaved and the median of each part is reported, so a slow spell of a shared
@@ -33,7 +34,7 @@ import torch
 
 import modloss
 from modloss.data import DeviceLoader, load_splits
-from modloss.losses import modular_loss
+from modloss.losses import modular_loss_and_softmax
 from modloss.metrics import EpochMetrics
 
 MODELS = ("1-M-1024-H", "16-M-64-H", "64-M-16-H", "256-M-4-H")
@@ -71,17 +72,22 @@ def epoch(name: str, splits, device: str, clock, steps: int | None, folder: Path
         if steps is not None and i == steps:
             break
 
-        def step(x=x, y=y):
+        def forward(x=x, y=y):
             eta = model(x)  # (M, B, K)
-            loss = modular_loss(eta, y, LAM)
+            return eta, *modular_loss_and_softmax(eta, y, LAM)
+
+        def backward(loss):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            return eta.detach()
 
-        eta, spent = time_it(step)
+        # As in fit (Strategy.step_loss): the metrics read the loss's softmax between the
+        # forward and the backward pass.
+        (eta, loss, softmax), spent = time_it(forward)
         seconds["sgd"] += spent
-        seconds["train_metrics"] += time_it(partial(metrics.update, eta, y))[1]
+        update = partial(metrics.update, eta.detach(), y, softmax=softmax)
+        seconds["train_metrics"] += time_it(update)[1]
+        seconds["sgd"] += time_it(partial(backward, loss))[1]
     seconds["train_metrics"] += time_it(metrics.compute)[1]
 
     model.eval()
