@@ -312,10 +312,11 @@ def test_merging_member_shards_equals_the_whole_epoch(family: str) -> None:
     assert member_keys <= MEMBER_KEYS
 
 
-@pytest.mark.parametrize("m", [1, M])
+# 300 members: each batch fills a chunk of its own; M: the batches are joined first.
+@pytest.mark.parametrize("m", [1, M, 300])
 def test_metrics_from_the_loss_softmax_equal_their_own(m: int) -> None:
-    eta, target = _categorical(31)
-    eta = eta[:m]
+    g = torch.Generator().manual_seed(31)
+    eta, target = 2 * torch.randn(m, N, K, generator=g), torch.randint(K, (N,), generator=g)
     eta[:, :8] *= 40  # confident: numerators below exp(LOG_TINY), clamped by both
     own, shared = EpochMetrics("categorical", 0.6), EpochMetrics("categorical", 0.6)
     for e, t in zip(eta.chunk(4, dim=1), target.chunk(4), strict=True):
