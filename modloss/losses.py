@@ -38,7 +38,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 __all__ = [
     "FAMILIES",
+    "LOG_TINY",
     "REDUCTIONS",
+    "CategoricalSoftmax",
     "LossParts",
     "ModularLoss",
     "check_choice",
@@ -47,6 +49,7 @@ __all__ = [
     "combine",
     "member_nll",
     "modular_loss",
+    "modular_loss_and_softmax",
     "predict",
     "reduce_loss",
 ]
@@ -55,6 +58,12 @@ FAMILIES = ("categorical", "gaussian", "poisson")
 REDUCTIONS = ("none", "mean", "sum")
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# Softmax numerators below exp(-40) are raised to it. An exp that returns denormals
+# (below ~1e-38) ran 36x slower on this project's CPUs, and squares of them 6x: the logits
+# of a confident network. A numerator under exp(-40) ~ 4e-18 changes the partition sum
+# s = sum_k exp(t_k) >= 1 by less than half a float32 ulp, so the clamp leaves the loss as
+# it was, and moves a probability (and so a gradient) by at most 4e-18.
+LOG_TINY = -40.0
 
 
 class LossParts(NamedTuple):
@@ -71,6 +80,22 @@ class LossParts(NamedTuple):
     """Mean over members of the member NLLs, ``(1/M) sum_j NLL(eta_j)``."""
     ambiguity: Tensor
     """``(1/M) sum_j KL(q_bar || q_j) = members - ensemble`` (Eq. 6); target independent."""
+
+
+class CategoricalSoftmax(NamedTuple):
+    """The softmax that the categorical modular loss computes of every member and of the
+    ensemble, classes leading: row ``j < M`` of the middle dimension is member j, row ``M``
+    the ensemble ``eta_bar``. Detached; per-batch metrics read it instead of computing the
+    softmax a second time (:meth:`modloss.metrics.EpochMetrics.update`)."""
+
+    shifted: Tensor
+    """``(K, M + 1, N)``: the logits minus their maximum over classes (``<= 0``, exactly 0
+    at the maxima). Not used by the backward pass: its reader may overwrite it."""
+    numerators: Tensor
+    """``(K, M + 1, N)``: ``exp(max(shifted, LOG_TINY))``. Read by the backward pass: do
+    not modify it."""
+    total: Tensor
+    """``(M + 1, N)``: ``numerators`` summed over classes."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -193,11 +218,17 @@ class _CategoricalModularLoss(torch.autograd.Function):
 
     and the backward is Eq. (8), ``w (q_j - e_y - lam (q_j - q_bar)) / M`` with ``w`` the
     example's weight in the reduction, from the softmax numerators kept by the forward pass.
+    With a list ``keep``, the forward appends its :class:`CategoricalSoftmax` to it.
     """
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, eta: Tensor, target: Tensor, lam: float, reduction: str
+        ctx: FunctionCtx,
+        eta: Tensor,
+        target: Tensor,
+        lam: float,
+        reduction: str,
+        keep: list[CategoricalSoftmax] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         m, n, k = eta.shape
         # Half-precision logits are reduced in float32, as torch's own softmax does.
@@ -210,13 +241,18 @@ class _CategoricalModularLoss(torch.autograd.Function):
         eta_bar = torch.mean(members, dim=1, out=z.select(1, m))  # (K, N), Eq. (3)
         target_logit = eta_bar.gather(0, target.view(1, n)).view(n)
         shift = z.amax(0)  # (M + 1, N)
-        z.sub_(shift).exp_()  # softmax numerators
-        total = z.sum(0)  # (M + 1, N)
+        z.sub_(shift)  # shifted logits
+        # Kept apart from the numerators only when asked for: a second (K, M + 1, N) buffer
+        # costs the plain loss a third more on CPU (page faults of fresh memory).
+        numerators = (z.clamp(min=LOG_TINY) if keep is not None else z.clamp_(min=LOG_TINY)).exp_()
+        total = numerators.sum(0)  # (M + 1, N)
         log_partition = total.log().add_(shift)  # A(eta_j) for j < M, then A(eta_bar)
         ensemble = log_partition[m] - target_logit
         ambiguity = log_partition[:m].mean(0).sub_(log_partition[m])
         loss = reduce_loss(torch.add(ensemble, ambiguity, alpha=1.0 - lam), reduction)
-        ctx.save_for_backward(z, total, target)
+        ctx.save_for_backward(numerators, total, target)
+        if keep is not None:
+            keep.append(CategoricalSoftmax(z, numerators, total))
         ctx.lam, ctx.reduction, ctx.dtype = lam, reduction, eta.dtype
         ensemble, ambiguity = ensemble.to(eta.dtype), ambiguity.to(eta.dtype)
         ctx.mark_non_differentiable(ensemble, ambiguity)
@@ -226,7 +262,7 @@ class _CategoricalModularLoss(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: FunctionCtx, grad_loss: Tensor, *_: Tensor
-    ) -> tuple[Tensor, None, None, None]:
+    ) -> tuple[Tensor, None, None, None, None]:
         z, total, target = ctx.saved_tensors
         k, m1, n = z.shape
         m, lam = m1 - 1, ctx.lam
@@ -240,7 +276,7 @@ class _CategoricalModularLoss(torch.autograd.Function):
         grad = torch.addcmul(common.unsqueeze(1), z[:, :m], scale)  # (K, M, N)
         # A permuted view: matmul backward reads it with a transposed-operand flag, so a
         # contiguous copy here would only cost time.
-        return grad.permute(1, 2, 0).to(ctx.dtype), None, None, None
+        return grad.permute(1, 2, 0).to(ctx.dtype), None, None, None, None
 
 
 def _gaussian_parts(eta: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -402,6 +438,43 @@ def modular_loss(
         >>> torch.allclose(loss, parts.members - 0.9 * parts.ambiguity)
         True
     """
+    loss, ensemble, ambiguity = _modular_loss(eta, target, lam, family, reduction, None)
+    if not return_parts:
+        return loss
+    parts = LossParts(
+        ensemble=reduce_loss(ensemble, reduction),
+        members=reduce_loss(ensemble + ambiguity, reduction),
+        ambiguity=reduce_loss(ambiguity, reduction),
+    )
+    return loss, parts
+
+
+def modular_loss_and_softmax(
+    eta: Tensor,
+    target: Tensor,
+    lam: float,
+    *,
+    family: str = "categorical",
+    reduction: str = "mean",
+) -> tuple[Tensor, CategoricalSoftmax | None]:
+    """:func:`modular_loss` and the :class:`CategoricalSoftmax` it computed on the way, for
+    the metrics of the same batch; ``None`` where it computes none (a lone member, whose
+    loss is one ``cross_entropy``, and the regression families)."""
+    keep: list[CategoricalSoftmax] = []
+    loss = _modular_loss(eta, target, lam, family, reduction, keep)[0]
+    return loss, keep[0] if keep else None
+
+
+def _modular_loss(
+    eta: Tensor,
+    target: Tensor,
+    lam: float,
+    family: str,
+    reduction: str,
+    keep: list[CategoricalSoftmax] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss and the per-example (detached) ensemble NLL and ambiguity; the categorical
+    loss of several members appends its softmax to ``keep``."""
     lam = _check_lam(lam)
     family = check_choice("family", family, FAMILIES)
     reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -414,21 +487,14 @@ def modular_loss(
         ensemble = ensemble.detach()
         ambiguity = torch.zeros_like(ensemble)
     elif family == "categorical":
-        loss, ensemble, ambiguity = _CategoricalModularLoss.apply(eta, target, lam, reduction)
+        loss, ensemble, ambiguity = _CategoricalModularLoss.apply(eta, target, lam, reduction, keep)
     else:
         parts = _gaussian_parts if family == "gaussian" else _poisson_parts
         ensemble, ambiguity = parts(eta, target)
         # members = ensemble + ambiguity, so L = members - lam * ambiguity (Eq. 6) is:
         loss = reduce_loss(torch.add(ensemble, ambiguity, alpha=1.0 - lam), reduction)
         ensemble, ambiguity = ensemble.detach(), ambiguity.detach()
-    if not return_parts:
-        return loss
-    parts = LossParts(
-        ensemble=reduce_loss(ensemble, reduction),
-        members=reduce_loss(ensemble + ambiguity, reduction),
-        ambiguity=reduce_loss(ambiguity, reduction),
-    )
-    return loss, parts
+    return loss, ensemble, ambiguity
 
 
 class ModularLoss(nn.Module):

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from modloss.config import TrainConfig
-from modloss.losses import modular_loss
 from modloss.metrics import EpochMetrics
 from modloss.models import EnsembleModel
 from modloss.parallel import merge_member_states
@@ -170,8 +169,7 @@ class PackedStrategy(SingleDevice):
         for g, metrics in enumerate(self.group_metrics):
             if metrics is not None:
                 eta_g = eta[self._slice(g)]  # (M, B, K)
-                metrics.update(eta_g.detach(), y)
-                loss = loss + modular_loss(eta_g, y, self.lams[g], family=self.family)
+                loss = loss + self._recorded_loss(eta_g, y, self.lams[g], metrics)
         return loss
 
     def group_train_metrics(self) -> list[dict[str, Any] | None]:

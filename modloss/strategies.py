@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from modloss.losses import modular_loss
+from modloss.losses import modular_loss_and_softmax
 from modloss.metrics import EpochMetrics, evaluate
 from modloss.models import EnsembleModel
 from modloss.names import (
@@ -121,9 +121,15 @@ class Strategy:
     def step_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """The loss to back-propagate for one global batch; records its metrics."""
         eta = self.net(x)  # (M, B, K)
-        self.metrics.update(eta.detach(), y)
         self.steps += 1
-        return modular_loss(eta, y, self.lam, family=self.family)
+        return self._recorded_loss(eta, y, self.lam, self.metrics)
+
+    def _recorded_loss(self, eta: Tensor, y: Tensor, lam: float, metrics: EpochMetrics) -> Tensor:
+        """The modular loss of ``eta`` at ``lam``, its batch added to ``metrics`` from the
+        softmax the loss computed: the metrics' own would cost as much again."""
+        loss, softmax = modular_loss_and_softmax(eta, y, lam, family=self.family)
+        metrics.update(eta.detach(), y, softmax=softmax)
+        return loss
 
     def train_metrics(self) -> dict[str, Any]:
         """The epoch's training metrics (the same on every rank)."""
@@ -256,8 +262,7 @@ class DataParallel(Strategy):
         self.steps += 1
         if not len(y):  # an empty slice still joins DDP's all-reduce, with a zero gradient
             return eta.sum()
-        self.metrics.update(eta.detach(), y)
-        return modular_loss(eta, y, self.lam, family=self.family) * weight
+        return self._recorded_loss(eta, y, self.lam, self.metrics) * weight
 
     def train_metrics(self) -> dict[str, Any]:
         return self._merged_metrics(over="examples")

@@ -12,12 +12,14 @@ from torch.distributions import Categorical, Independent, Normal, Poisson, kl_di
 
 from modloss.losses import (
     FAMILIES,
+    LOG_TINY,
     REDUCTIONS,
     LossParts,
     ModularLoss,
     combine,
     member_nll,
     modular_loss,
+    modular_loss_and_softmax,
     predict,
 )
 
@@ -368,6 +370,25 @@ def test_non_contiguous_eta_gives_the_same_loss_and_gradient():
     torch.testing.assert_close(
         torch.autograd.grad(loss_s, strided)[0], torch.autograd.grad(loss_d, dense)[0]
     )
+
+
+def test_loss_and_softmax_is_the_loss_and_the_softmax_of_members_and_ensemble():
+    eta, target = make("categorical", m=5, n=7, k=4, dtype=torch.float32)
+    eta = (eta * 30).requires_grad_()  # confident: some numerators clamped to exp(LOG_TINY)
+    loss, softmax = modular_loss_and_softmax(eta, target, 0.7)
+    ref = modular_loss(eta, target, 0.7)
+    assert torch.equal(loss, ref)
+    assert torch.equal(torch.autograd.grad(loss, eta)[0], torch.autograd.grad(ref, eta)[0])
+    logits = torch.cat([eta, eta.mean(0, keepdim=True)]).detach().permute(2, 0, 1)  # (K, M+1, N)
+    torch.testing.assert_close(softmax.shifted, logits - logits.amax(0))
+    assert (softmax.shifted.amax(0) == 0).all()
+    assert (softmax.shifted < LOG_TINY).any()
+    assert torch.equal(softmax.numerators, softmax.shifted.clamp(min=LOG_TINY).exp())
+    torch.testing.assert_close(softmax.total, softmax.numerators.sum(0))
+    torch.testing.assert_close(softmax.numerators / softmax.total, logits.softmax(0))
+    assert modular_loss_and_softmax(eta[:1], target, 0.7)[1] is None  # cross_entropy
+    gaussian, values = make("gaussian")
+    assert modular_loss_and_softmax(gaussian, values, 0.7, family="gaussian")[1] is None
 
 
 def test_bfloat16_logits_are_reduced_in_float32():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
+from modloss.losses import modular_loss_and_softmax
 from modloss.metrics import (
     ECE_BINS,
     MEMBER_KEYS,
@@ -222,6 +223,21 @@ def test_confidences_on_bin_edges_fall_in_the_bin_above_as_in_torchmetrics() -> 
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_bins", [1, 2, 7, 10, 15, 20, 100])
+def test_bins_are_torchmetrics_bucketize_near_every_edge(n_bins: int, dtype) -> None:
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=dtype)
+    near, below, above = [edges], edges, edges
+    for _ in range(64):  # the 64 floats on either side of every edge
+        below = torch.nextafter(below, torch.zeros((), dtype=dtype))
+        above = torch.nextafter(above, torch.ones((), dtype=dtype))
+        near += [below, above]
+    spread = torch.rand(10_000, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    conf = torch.cat([*near, spread]).clamp(0, 1)
+    expected = torch.bucketize(conf, edges, right=True) - 1  # torchmetrics' binning
+    assert torch.equal(confidence_bins(conf, n_bins), expected)
+
+
 def test_saturated_confidence_is_binned_as_torchmetrics_does() -> None:
     eta, target = _categorical(13)
     # A float32 softmax of the first 40 rounds to a top probability of exactly 1, and every
@@ -296,6 +312,33 @@ def test_merging_member_shards_equals_the_whole_epoch(family: str) -> None:
     assert set(EpochMetrics(family, 0.5).state()) == set()
     member_keys = {key for key in parts[0] if parts[0][key].shape[:1] == (len(shards[1]),)}
     assert member_keys <= MEMBER_KEYS
+
+
+# 300 members: each batch fills a chunk of its own; M: the batches are joined first.
+@pytest.mark.parametrize("m", [1, M, 300])
+def test_metrics_from_the_loss_softmax_equal_their_own(m: int) -> None:
+    g = torch.Generator().manual_seed(31)
+    eta, target = 2 * torch.randn(m, N, K, generator=g), torch.randint(K, (N,), generator=g)
+    eta[:, :8] *= 40  # confident: numerators below exp(LOG_TINY), clamped by both
+    own, shared = EpochMetrics("categorical", 0.6), EpochMetrics("categorical", 0.6)
+    for e, t in zip(eta.chunk(4, dim=1), target.chunk(4), strict=True):
+        own.update(e, t)
+        _, softmax = modular_loss_and_softmax(e, t, 0.6)
+        assert (softmax is None) == (m == 1)  # a lone member's loss is one cross_entropy
+        shared.update(e, t, softmax=softmax)
+    _assert_same_metrics(shared.compute(), own.compute())
+
+
+def test_a_softmax_of_another_batch_or_with_eta_bar_is_refused() -> None:
+    eta, target = _categorical(32)
+    _, softmax = modular_loss_and_softmax(eta, target, 0.5)
+    acc = EpochMetrics("categorical", 0.5)
+    with pytest.raises(ValueError, match=r"softmax has shape \(10, 7, 240\), expected"):
+        acc.update(eta[:, :100], target[:100], softmax=softmax)
+    with pytest.raises(ValueError, match="eta_bar or softmax, not both"):
+        acc.update(eta, target, eta_bar=eta.mean(0), softmax=softmax)
+    with pytest.raises(ValueError, match="softmax is for family='categorical'"):
+        EpochMetrics("gaussian", 0.5).update(eta, eta.mean(0), softmax=softmax)
 
 
 def test_bad_arguments_name_the_argument() -> None:
