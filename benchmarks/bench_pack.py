@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import torch
 
-from modloss.losses import modular_loss
 from modloss.pack import PackedSGD, PackedStrategy
+from modloss.strategies import SingleDevice
 from modloss.train import TrainConfig, build_model, build_optimizer, fit, fit_pack, paper_lr
 
 MODELS = ("1-M-1024-H", "16-M-64-H", "64-M-16-H", "256-M-4-H")
@@ -44,12 +44,19 @@ def _configs(model: str, groups: int) -> list[TrainConfig]:
 
 
 def _unpacked(configs: list[TrainConfig], x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    models = [build_model(c).to(x.device) for c in configs]
-    runs = [(c, m, build_optimizer(c, m)[0]) for c, m in zip(configs, models, strict=True)]
+    """G runs stepped one after another as ``fit`` steps each: the loss and the batch's
+    training metrics (what a packed step also does, per group)."""
+    runs = []
+    for config in configs:
+        model = build_model(config)
+        run = SingleDevice()
+        model = run.prepare(model, x.device, family="categorical", lam=config.lam, num_classes=10)
+        runs.append((run, build_optimizer(config, model)[0]))
+        run.start_epoch()
 
     def step() -> None:
-        for config, model, optimizer in runs:
-            loss = modular_loss(model(x), y, config.lam)
+        for run, optimizer in runs:
+            loss = run.step_loss(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
