@@ -46,12 +46,15 @@ __all__ = [
     "check_resumed_space",
     "check_tracking_uri",
     "clean_stale_ray",
+    "damaged_file",
+    "read_json",
     "redact",
     "load_extensions",
     "record_extension",
     "save_space",
     "stale_ray_processes",
     "sweep_lock",
+    "write_json",
     "with_store_lock",
 ]
 
@@ -277,18 +280,24 @@ def _space_dump(space: SearchSpace) -> dict[str, Any]:
     return space.model_dump(mode="json", exclude={"description", "name"})
 
 
-def _read_json(path: Path, what: str) -> Any:
-    """``path``'s JSON, or a one-line refusal naming the file when it cannot be read."""
+def damaged_file(path: Path, what: str, why: str) -> GuardError:
+    """The one-line refusal of a sweep's bookkeeping file ``path`` (``what`` it holds) that
+    cannot be used, and what to do."""
+    return GuardError(
+        f"{path} ({what}) cannot be read ({why}): restore it from a copy, or run the space "
+        "as a new sweep (--experiment NEW_NAME)"
+    )
+
+
+def read_json(path: Path, what: str) -> Any:
+    """``path``'s JSON, or :func:`damaged_file` when it cannot be read."""
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GuardError(
-            f"{path} ({what}) cannot be read ({getattr(exc, 'strerror', None) or exc}): restore "
-            "it from a copy, or run the space as a new sweep (--experiment NEW_NAME)"
-        ) from None
+        raise damaged_file(path, what, getattr(exc, "strerror", None) or str(exc)) from None
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Write ``path`` atomically: a kill leaves the old file or the new, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp")
@@ -298,7 +307,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def save_space(exp_dir: Path, space: SearchSpace) -> None:
     """Record the space a sweep starts with, for :func:`check_resumed_space`."""
-    _write_json(exp_dir / SPACE_FILE, _space_dump(space))
+    write_json(exp_dir / SPACE_FILE, _space_dump(space))
 
 
 def load_extensions(exp_dir: Path) -> list[dict[str, Any]]:
@@ -308,14 +317,11 @@ def load_extensions(exp_dir: Path) -> list[dict[str, Any]]:
     path = exp_dir / EXTENSIONS_FILE
     if not path.is_file():
         return []
-    extensions = _read_json(path, "the sweep's added grid points")
+    extensions = read_json(path, "the sweep's added grid points")
     if not isinstance(extensions, list) or not all(
         isinstance(e, dict) and {"name", "points", "space"} <= set(e) for e in extensions
     ):
-        raise GuardError(
-            f"{path} (the sweep's added grid points) is not a list of extensions: restore it "
-            "from a copy, or run the space as a new sweep (--experiment NEW_NAME)"
-        )
+        raise damaged_file(path, "the sweep's added grid points", "not a list of extensions")
     return extensions
 
 
@@ -327,7 +333,7 @@ def record_extension(exp_dir: Path, space: SearchSpace, points: list[dict[str, A
     extensions = load_extensions(exp_dir)
     name = f"extension-{len(extensions) + 1}"
     entry = {"name": name, "points": points, "space": _space_dump(space)}
-    _write_json(exp_dir / EXTENSIONS_FILE, [*extensions, entry])
+    write_json(exp_dir / EXTENSIONS_FILE, [*extensions, entry])
     return name
 
 
@@ -337,7 +343,7 @@ def _stored_space(exp_dir: Path) -> dict[str, Any] | None:
     if extensions:
         return extensions[-1]["space"]
     path = exp_dir / SPACE_FILE
-    return _read_json(path, "the space the sweep started with") if path.is_file() else None
+    return read_json(path, "the space the sweep started with") if path.is_file() else None
 
 
 def check_resumed_space(exp_dir: Path, space: SearchSpace) -> list[dict[str, Any]]:

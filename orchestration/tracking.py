@@ -47,7 +47,14 @@ from modloss.names import (
     TRIAL_ID_TAG,
     curve,
 )
-from orchestration.guards import DEFAULT_TRACKING_URI, TrackingError, check_tracking_uri
+from orchestration.guards import (
+    DEFAULT_TRACKING_URI,
+    TrackingError,
+    check_tracking_uri,
+    damaged_file,
+    read_json,
+    write_json,
+)
 from orchestration.reports import POINTS_KEY
 
 if TYPE_CHECKING:
@@ -224,20 +231,15 @@ class SweepRecord:
         path = exp_dir / RECORD_FILE
         if not path.is_file():
             return None
+        what = "the sweep's MLflow parent run"
+        data = read_json(path, what)
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
-            raise TrackingError(
-                f"{path} (the sweep's MLflow parent run) cannot be read "
-                f"({getattr(exc, 'strerror', None) or exc}): restore it from a copy, or run "
-                "the space as a new sweep (--experiment NEW_NAME)"
-            ) from None
+            return cls(**data)
+        except TypeError:
+            raise damaged_file(path, what, "not a sweep record") from None
 
     def save(self, exp_dir: Path) -> None:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = exp_dir / f"{RECORD_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(exp_dir / RECORD_FILE)
+        write_json(exp_dir / RECORD_FILE, asdict(self))
 
 
 def _client(uri: str) -> MlflowClient:
