@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ from modloss.names import (
 )
 from modloss.records import RunResult
 from modloss.uncertainty import OOD_FALLBACK, ROTATIONS
-from orchestration.reports import summary_report
+from orchestration.reports import OBJECTIVES, summary_report
 from orchestration.spaces import load_space
 from orchestration.sweep import _analysis_artifacts, _tune_config, param_space, run_sweep
 
@@ -231,6 +232,10 @@ def test_optuna_is_told_both_objectives_of_the_summary(make_space, sampler):
     assert finished.values == [0.2, 0.5]
     # Optuna refuses the NaN objectives (Ray logs it): the sampler learns nothing from it.
     assert diverged.state != optuna.trial.TrialState.COMPLETE and diverged.values is None
+    # Every objective of an unfinished run is NaN, not only val_error: a searcher is told
+    # none of them (with one finite, a single-objective search on it would learn from it).
+    unfinished = summary_report(_result("diverged", 0.1, 0.1))
+    assert all(math.isnan(unfinished[name]) for name in OBJECTIVES)
 
 
 def test_crashing_trial_is_failed_not_left_running(
