@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "confidence_bins",
     "dropped_error",
     "evaluate",
+    "evaluate_groups",
     "kept_members",
     "member_entropy",
 ]
@@ -563,7 +565,6 @@ def dropped_error(eta: Tensor, target: Tensor, kept: Tensor, family: str = "cate
     return (pred - target.reshape(pred.shape).to(pred.dtype)).double().square().mean().sqrt().item()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     x: Tensor,
@@ -579,14 +580,50 @@ def evaluate(
     Returns the metrics of :meth:`EpochMetrics.compute` and, with ``keep_eta=True``, the
     member natural parameters ``(M, N, K)`` on the host.
     """
+    kw = {"family": family, "batch_size": batch_size, "keep_eta": keep_eta}
+    return evaluate_groups(model, x, y, lams=[lam], **kw)[0]
+
+
+@torch.no_grad()
+def evaluate_groups(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    family: str,
+    lams: Sequence[float],
+    batch_size: int = 1000,
+    keep_eta: bool = False,
+    groups: Sequence[int] | None = None,
+) -> list[tuple[dict[str, float | int | list[float]], Tensor | None] | None]:
+    """:func:`evaluate` of each of the ``G = len(lams)`` equal groups of members of
+    ``model`` (a pack, :mod:`modloss.pack`: group g is members ``[g*M, (g+1)*M)``, its
+    losses at ``lams[g]``) from one forward pass per batch, the data read once for all.
+
+    Returns one entry per group: ``(metrics, eta)`` for the groups in ``groups`` (default:
+    all), ``None`` for the others. Each group's ``(M, N, K)`` is filled in place, never held
+    as a list of batches for a ``torch.cat`` (which would hold the pack's outputs twice).
+    """
+    wanted = range(len(lams)) if groups is None else list(groups)
     was_training = model.training
     model.eval()
-    acc = EpochMetrics(family, lam)
-    kept: list[Tensor] = []
+    metrics = {g: EpochMetrics(family, lams[g]) for g in wanted}
+    kept: dict[int, Tensor] = {}
     for start in range(0, x.shape[0], batch_size):
-        eta = model(x[start : start + batch_size])  # (M, B, K)
-        acc.update(eta, y[start : start + batch_size])
-        if keep_eta:
-            kept.append(eta)
+        eta = model(x[start : start + batch_size])  # (G*M, B, K)
+        target = y[start : start + batch_size]
+        size, rest = divmod(eta.shape[0], len(lams))
+        if rest:
+            raise ValueError(f"{eta.shape[0]} members do not split into {len(lams)} groups")
+        for g in wanted:
+            part = eta[g * size : (g + 1) * size]  # (M, B, K)
+            metrics[g].update(part, target)
+            if keep_eta:
+                if g not in kept:
+                    kept[g] = part.new_empty((size, x.shape[0], part.shape[2]))
+                kept[g][:, start : start + len(target)] = part
     model.train(was_training)
-    return acc.compute(), torch.cat(kept, dim=1).cpu() if keep_eta else None
+    return [
+        (metrics[g].compute(), kept[g].cpu() if g in kept else None) if g in metrics else None
+        for g in range(len(lams))
+    ]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from modloss.config import TrainConfig
-from modloss.metrics import EpochMetrics
+from modloss.metrics import EpochMetrics, evaluate_groups
 from modloss.models import EnsembleModel
 from modloss.parallel import merge_member_states
 from modloss.strategies import SingleDevice
@@ -186,28 +186,8 @@ class PackedStrategy(SingleDevice):
         groups: list[int] | None = None,
     ) -> list[tuple[dict[str, Any], Tensor | None] | None]:
         wanted = [g for g, live in enumerate(self.live) if live] if groups is None else groups
-        was_training = self.model.training
-        self.model.eval()
-        metrics = [EpochMetrics(self.family, lam) for lam in self.lams]
-        # Each group's (M, N, K) is filled in place: keeping every batch's (G*M, B, K) for a
-        # torch.cat would hold the whole pack's outputs twice (3x the evaluation time of
-        # 7 x 256-M-4-H on the CPU, measured).
-        kept: dict[int, Tensor] = {}
-        for start in range(0, len(y), batch_size):
-            eta = self.model(x[start : start + batch_size])  # (G*M, B, K), one forward
-            target = y[start : start + batch_size]
-            for g in wanted:
-                part = eta[self._slice(g)]  # (M, B, K)
-                metrics[g].update(part, target)
-                if keep_eta:
-                    if g not in kept:
-                        kept[g] = part.new_empty((part.shape[0], len(y), part.shape[2]))
-                    kept[g][:, start : start + len(target)] = part
-        self.model.train(was_training)
-        return [
-            (metrics[g].compute(), kept[g].cpu() if keep_eta else None) if g in wanted else None
-            for g in range(len(self.lams))
-        ]
+        kw = {"family": self.family, "lams": self.lams, "batch_size": batch_size}
+        return evaluate_groups(self.model, x, y, keep_eta=keep_eta, groups=wanted, **kw)
 
     def group_state(self, g: int) -> dict[str, Tensor]:
         return {k: v[self._slice(g)] for k, v in self.model.state_dict().items()}

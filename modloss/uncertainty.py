@@ -14,7 +14,8 @@ binning). Nothing here imports Ray or MLflow.
 - :func:`ood_scores`, :func:`auroc`, :func:`fpr_at_tpr`, :func:`ood_report`: MNIST (or
   scikit-learn's 8x8 digits when MNIST is absent) against the in-distribution test set.
 - :func:`reliability_bins`, :func:`plot_reliability`: the reliability diagram.
-- :func:`selected_epoch`: all of the above for one run's selected epoch, written as files.
+- :func:`selected_epoch`: all of the above for one run's selected epoch, written as files;
+  :func:`selected_epochs` for the runs of a pack, with the data passes shared.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from modloss.data import Splits, load_raw, rotate
-from modloss.metrics import ECE_BINS, calibration_gaps, confidence_bins, evaluate
+from modloss.metrics import ECE_BINS, calibration_gaps, confidence_bins, evaluate_groups
 from modloss.names import (
     OOD_CSV,
     OOD_SCORES,
@@ -54,11 +55,14 @@ __all__ = [
     "fpr_at_tpr",
     "ood_images",
     "ood_report",
+    "ood_reports",
     "ood_scores",
     "plot_reliability",
     "reliability_bins",
     "selected_epoch",
+    "selected_epochs",
     "shift_curve",
+    "shift_curves",
     "temperature_scale",
 ]
 
@@ -176,24 +180,45 @@ def shift_curve(
     Returns one row per angle: ``angle``, ``accuracy``, ``nll``, ``brier``, ``ece``,
     ``member_accuracy``, ``member_nll``, ``member_brier``, ``member_ece``.
     """
-    rows = []
+    kw = {"fill": fill, "angles": angles, "batch_size": batch_size}
+    return shift_curves(model, x, y, groups=1, **kw)[0]
+
+
+def shift_curves(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    groups: int,
+    fill: float | Tensor = 0.0,
+    angles: tuple[float, ...] = ROTATIONS,
+    batch_size: int = 1000,
+) -> list[pd.DataFrame]:
+    """:func:`shift_curve` of each of the ``groups`` equal member groups of ``model`` (a
+    pack, :func:`modloss.pack.pack_models`): each angle's copy of ``x`` is rotated once and
+    passed once through the whole pack (:func:`modloss.metrics.evaluate_groups`)."""
+    rows: list[list[dict[str, float]]] = [[] for _ in range(groups)]
     for angle in angles:
         shifted = rotate(x, float(angle), fill=fill)
-        m, _ = evaluate(model, shifted, y, family="categorical", lam=1.0, batch_size=batch_size)
-        rows.append(
-            {
-                "angle": angle,
-                "accuracy": 1.0 - m["error"],
-                "nll": m["ensemble_nll"],
-                "brier": m["brier"],
-                "ece": m["ece"],
-                "member_accuracy": 1.0 - m["member_error_mean"],
-                "member_nll": m["member_nll"],
-                "member_brier": m["member_brier"],
-                "member_ece": m["member_ece"],
-            }
+        lams = [1.0] * groups  # the loss entries are not read
+        per_group = evaluate_groups(
+            model, shifted, y, family="categorical", lams=lams, batch_size=batch_size
         )
-    return pd.DataFrame(rows)
+        for g, (m, _) in enumerate(per_group):
+            rows[g].append(
+                {
+                    "angle": angle,
+                    "accuracy": 1.0 - m["error"],
+                    "nll": m["ensemble_nll"],
+                    "brier": m["brier"],
+                    "ece": m["ece"],
+                    "member_accuracy": 1.0 - m["member_error_mean"],
+                    "member_nll": m["member_nll"],
+                    "member_brier": m["member_brier"],
+                    "member_ece": m["member_ece"],
+                }
+            )
+    return [pd.DataFrame(r) for r in rows]
 
 
 # --------------------------------------------------------------------------- OOD
@@ -313,22 +338,42 @@ def ood_report(
     split of ``splits``, out-of-distribution :func:`ood_images` (MNIST, else the upscaled
     scikit-learn digits). One row per score: ``score``, ``auroc``, ``fpr95``,
     ``ood_dataset``, ``num_in``, ``num_out``."""
+    test_eta = _forward(model, splits.test.x, batch_size)
+    return ood_reports(model, splits, [test_eta], data_dir=data_dir, batch_size=batch_size)[0]
+
+
+def ood_reports(
+    model: nn.Module,
+    splits: Splits,
+    test_etas: list[Tensor],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 1000,
+) -> list[pd.DataFrame]:
+    """:func:`ood_report` of each of the ``len(test_etas)`` equal member groups of
+    ``model`` (a pack), given each group's logits on ``splits.test`` (those that
+    :func:`modloss.train.fit` saved at the selected epoch: no new forward pass); the OOD
+    images are loaded once and passed once through the whole pack."""
     x_out, name = ood_images(splits, data_dir=data_dir)
-    scores_in = ood_scores(_forward(model, splits.test.x, batch_size))
-    scores_out = ood_scores(_forward(model, x_out, batch_size))
-    return pd.DataFrame(
-        [
+    out_eta = _forward(model, x_out, batch_size)  # (G*M, N_out, K)
+    size = out_eta.shape[0] // len(test_etas)
+    reports = []
+    for g, test_eta in enumerate(test_etas):
+        scores_in = ood_scores(test_eta)
+        scores_out = ood_scores(out_eta[g * size : (g + 1) * size])
+        rows = [
             {
                 "score": key,
                 "auroc": auroc(scores_in[key], scores_out[key]),
                 "fpr95": fpr_at_tpr(scores_in[key], scores_out[key]),
                 "ood_dataset": name,
-                "num_in": len(splits.test.x),
+                "num_in": test_eta.shape[1],
                 "num_out": len(x_out),
             }
             for key in scores_in
         ]
-    )
+        reports.append(pd.DataFrame(rows))
+    return reports
 
 
 # --------------------------------------------------------------------------- reliability
@@ -421,42 +466,72 @@ def selected_epoch(
 
     ``model`` holds the selected epoch's weights and ``val`` / ``test`` are the
     ``(eta, target)`` it produced (the logits :func:`modloss.train.fit` saves), so the
-    temperature and the reliability diagram need no new forward pass; the shift curve and
-    the OOD report run the model on ``splits.test`` (rotated) and on :func:`ood_images`.
+    temperature, the reliability diagram and the OOD report's in-distribution scores need no
+    new forward pass; the shift curve runs the model on ``splits.test`` rotated, and the
+    OOD report on :func:`ood_images`.
 
     Writes ``shift.csv`` (:func:`shift_curve`), ``ood.csv`` (:func:`ood_report`),
     ``reliability.csv`` / ``reliability.png`` (the test logits' diagram) and
     ``selected_epoch.json``: ``{"epoch", "ood_dataset", "metrics"}``, the metrics being
     :data:`modloss.names.SELECTED_EPOCH_METRICS`, which it also returns.
     """
-    out = Path(out_dir)
-    fit = temperature_scale(*val, *test)
-    fill = -splits.x_mean / splits.x_std  # the standardised black, per channel
-    shift = shift_curve(model, splits.test.x, splits.test.y, fill=fill)
-    shift.to_csv(out / SHIFT_CSV, index=False)
-    ood = ood_report(model, splits, data_dir=data_dir)
-    ood.to_csv(out / OOD_CSV, index=False)
-    reliability_bins(*test).to_csv(out / RELIABILITY_CSV, index=False)
-    plot_reliability(*test, out / RELIABILITY_PNG, title=title)
+    kw = {"epochs": [epoch], "data_dir": data_dir, "titles": [title]}
+    return selected_epochs(model, splits, [val], [test], [out_dir], **kw)[0]
 
-    at_angle = shift[shift["angle"] == SHIFT_ANGLE]
-    by_score = ood.set_index("score")
-    metrics = {
-        "temperature": fit.temperature,
-        "test_nll": fit.nll_before,
-        "test_nll_scaled": fit.nll_after,
-        "test_ece_scaled": fit.ece_after,
-        **{
-            ood_metric(measure, score): float(by_score.loc[score, measure])
-            for measure in ("auroc", "fpr95")
-            for score in OOD_SCORES
-        },
-        **{
-            shift_metric(name): float(at_angle[name].iloc[0])
-            for name in ("accuracy", "nll", "ece")
-            if len(at_angle)
-        },
-    }
-    record = {"epoch": epoch, "ood_dataset": str(ood["ood_dataset"].iloc[0]), "metrics": metrics}
-    (out / SELECTED_EPOCH_FILE).write_text(json.dumps(record, indent=1))
-    return metrics
+
+def selected_epochs(
+    model: nn.Module,
+    splits: Splits,
+    vals: list[tuple[Tensor, Tensor]],
+    tests: list[tuple[Tensor, Tensor]],
+    out_dirs: list[str | os.PathLike[str]],
+    *,
+    epochs: list[int],
+    data_dir: str | os.PathLike[str] | None = None,
+    titles: list[str | None] | None = None,
+    batch_size: int = 1000,
+) -> list[dict[str, float]]:
+    """:func:`selected_epoch` of each run of a pack: ``model``'s G equal member groups
+    (:func:`modloss.pack.pack_models` of the runs' selected-epoch models; G = ``len(vals)``)
+    are the runs, run g's files go to ``out_dirs[g]``. The data passes are shared: each
+    rotated copy of the test set and the OOD images are made once and passed once through
+    the whole pack."""
+    groups = len(vals)
+    titles = [None] * groups if titles is None else titles
+    fill = -splits.x_mean / splits.x_std  # the standardised black, per channel
+    kw = {"data_dir": data_dir, "batch_size": batch_size}
+    x, y = splits.test
+    shifts = shift_curves(model, x, y, groups=groups, fill=fill, batch_size=batch_size)
+    oods = ood_reports(model, splits, [eta for eta, _ in tests], **kw)
+    results = []
+    for g in range(groups):
+        out = Path(out_dirs[g])
+        shift, ood, test = shifts[g], oods[g], tests[g]
+        fit = temperature_scale(*vals[g], *test)
+        shift.to_csv(out / SHIFT_CSV, index=False)
+        ood.to_csv(out / OOD_CSV, index=False)
+        reliability_bins(*test).to_csv(out / RELIABILITY_CSV, index=False)
+        plot_reliability(*test, out / RELIABILITY_PNG, title=titles[g])
+
+        at_angle = shift[shift["angle"] == SHIFT_ANGLE]
+        by_score = ood.set_index("score")
+        metrics = {
+            "temperature": fit.temperature,
+            "test_nll": fit.nll_before,
+            "test_nll_scaled": fit.nll_after,
+            "test_ece_scaled": fit.ece_after,
+            **{
+                ood_metric(measure, score): float(by_score.loc[score, measure])
+                for measure in ("auroc", "fpr95")
+                for score in OOD_SCORES
+            },
+            **{
+                shift_metric(name): float(at_angle[name].iloc[0])
+                for name in ("accuracy", "nll", "ece")
+                if len(at_angle)
+            },
+        }
+        record = {"epoch": epochs[g], "ood_dataset": str(ood["ood_dataset"].iloc[0])}
+        (out / SELECTED_EPOCH_FILE).write_text(json.dumps({**record, "metrics": metrics}, indent=1))
+        results.append(metrics)
+    return results

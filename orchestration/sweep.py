@@ -98,7 +98,7 @@ def train_trial(config: dict[str, Any]) -> None:
     if "distributed" in config:  # one Ray Train run per trial, on several workers
         from orchestration.distributed import train_trial as train_distributed
 
-        train_distributed(config, artifacts=_analysis_artifacts)
+        train_distributed(config, artifacts=lambda out, train: _analysis_artifacts([out], [train]))
         return
 
     # Ray logs every persisted checkpoint at INFO: one line per trial and epoch.
@@ -117,13 +117,13 @@ def train_trial(config: dict[str, Any]) -> None:
                 # Finished: fit has written the best epoch's logits. The analyses go in this
                 # report's checkpoint, since a scheduler may end the trial right here (ASHA
                 # stops every trial that reaches max_t, before the summary).
-                _analysis_artifacts(out, train)
+                _analysis_artifacts([out], [train])
             tune.report(epoch_report(result), checkpoint=linked_checkpoint(out))
 
         result = fit(train, [report], out_dir=out_dir)
         final = None  # a finished run's folder is checkpointed already, analyses included
         if result.status != "finished":  # diverged: analyse what it saved
-            _analysis_artifacts(out_dir, train)
+            _analysis_artifacts([out_dir], [train])
             final = linked_checkpoint(out_dir)
         tune.report(summary_report(result), checkpoint=final)
     finally:
@@ -161,10 +161,14 @@ def _train_pack(config: dict[str, Any]) -> None:
     analysed = {g for g, run in enumerate(runs) if ended(run)}
 
     def report(results: list[RunResult]) -> None:
-        for g, result in enumerate(results):
-            if result.status in ("finished", "diverged") and g not in analysed:
-                _analysis_artifacts(runs[g], trains[g], cpu_splits())
-                analysed.add(g)
+        done = [
+            g
+            for g, result in enumerate(results)
+            if result.status in ("finished", "diverged") and g not in analysed
+        ]
+        if done:  # the points that ended this epoch, analysed together
+            _analysis_artifacts([runs[g] for g in done], [trains[g] for g in done], cpu_splits())
+            analysed.update(done)
         tune.report(pack_report(results), checkpoint=linked_checkpoint(out_dir))
 
     try:
@@ -195,67 +199,74 @@ def _restored_folder(runs: list[Path]) -> Path:
     return out_dir
 
 
-def _analysis_artifacts(out_dir: Path, train: Any, splits: Any = None) -> None:
-    """Small summaries of the best epoch's saved logits, written next to fit's files so
-    that the final checkpoint carries them: the robustness curve (Fig. 4), the tables of
-    :func:`orchestration.tracking.analysis_tables` and the uncertainty analyses of
-    :func:`_uncertainty_artifacts` (temperature, rotation shift, OOD, reliability).
-    Computed here, in the trial's worker, rather than on the driver, whose event loop
-    schedules every trial. ``splits``: ``train``'s on the CPU, if already loaded (a pack's
-    points share theirs)."""
+def _analysis_artifacts(out_dirs: list[Path], trains: list[Any], splits: Any = None) -> None:
+    """Small summaries of the best epoch's saved logits of each run (``trains[g]``'s, in
+    ``out_dirs[g]``: one run, or the points of a pack that ended together), written next to
+    fit's files so that the final checkpoint carries them: the robustness curve (Fig. 4),
+    the tables of :func:`orchestration.tracking.analysis_tables` and the uncertainty
+    analyses of :func:`_uncertainty_artifacts` (temperature, rotation shift, OOD,
+    reliability). Computed here, in the trial's worker, rather than on the driver, whose
+    event loop schedules every trial. ``splits``: the runs' on the CPU, if already loaded."""
     from modloss.analysis import load_logits, plot_robustness, robustness
 
-    for name, table in analysis_tables(out_dir).items():
-        table.to_csv(out_dir / name, index=False)
-    try:
-        logits = load_logits(out_dir, "test")
-    except FileNotFoundError:  # diverged in its first epoch
-        return
-    if logits.family != "categorical":
-        return
-    title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
-    _uncertainty_artifacts(out_dir, train, logits, title, splits)
-    if logits.eta.shape[0] < 2:
-        return
-    frame = robustness(logits.eta, logits.target)
-    frame.to_csv(out_dir / ROBUSTNESS_CSV, index=False)
-    plot_robustness({f"λ={train.lam:g}": frame}, out_dir / ROBUSTNESS_PNG, title=title)
+    ended = []  # (folder, config, test logits, title) of the categorical runs with logits
+    for out_dir, train in zip(out_dirs, trains, strict=True):
+        for name, table in analysis_tables(out_dir).items():
+            table.to_csv(out_dir / name, index=False)
+        try:
+            logits = load_logits(out_dir, "test")
+        except FileNotFoundError:  # diverged in its first epoch
+            continue
+        if logits.family != "categorical":
+            continue
+        title = f"{train.model}, λ={train.lam:g}, trial {train.trial} (epoch {logits.epoch})"
+        ended.append((out_dir, train, logits, title))
+        if logits.eta.shape[0] >= 2:
+            frame = robustness(logits.eta, logits.target)
+            frame.to_csv(out_dir / ROBUSTNESS_CSV, index=False)
+            plot_robustness({f"λ={train.lam:g}": frame}, out_dir / ROBUSTNESS_PNG, title=title)
+    _uncertainty_artifacts(ended, splits)
 
 
-def _uncertainty_artifacts(
-    out_dir: Path, train: Any, test: Any, title: str, splits: Any = None
-) -> None:
-    """:func:`modloss.uncertainty.selected_epoch` of the best-validation epoch: its model
-    rebuilt from the checkpoint's ``best_model``, its splits reloaded on the CPU (the
+def _uncertainty_artifacts(ended: list[tuple[Path, Any, Any, str]], splits: Any = None) -> None:
+    """:func:`modloss.uncertainty.selected_epochs` of the best-validation epochs of
+    ``ended`` (folder, config, test logits, title): each run's model rebuilt from its
+    checkpoint's ``best_model``, the models packed (:func:`modloss.pack.pack_models`) so
+    that each data pass serves them all, the splits reloaded on the CPU unless given (the
     analyses are a few forward passes). A module-parallel run (one checkpoint shard per
     rank, no whole model) gets none."""
     import torch
 
     from modloss.analysis import load_logits
     from modloss.files import load_checkpoint
+    from modloss.pack import pack_models
     from modloss.train import build_model, build_splits
-    from modloss.uncertainty import selected_epoch
+    from modloss.uncertainty import selected_epochs
 
-    path = out_dir / CHECKPOINT_FILE
-    if not path.is_file():
+    runs, models = [], []
+    for out_dir, train, test, title in ended:
+        path = out_dir / CHECKPOINT_FILE
+        best = load_checkpoint(path).get("best_model") if path.is_file() else None
+        if best is None:
+            continue
+        model = build_model(train)
+        model.load_state_dict(best)
+        runs.append((out_dir, train, test, title))
+        models.append(model)
+    if not runs:
         return
-    best = load_checkpoint(path).get("best_model")
-    if best is None:
-        return
-    model = build_model(train)
-    model.load_state_dict(best)
     if splits is None:
-        splits = build_splits(train, torch.device("cpu"))
-    val = load_logits(out_dir, "val")
-    selected_epoch(
-        model,
+        splits = build_splits(runs[0][1], torch.device("cpu"))
+    vals = [load_logits(out_dir, "val") for out_dir, *_ in runs]
+    selected_epochs(
+        models[0] if len(models) == 1 else pack_models(models),
         splits,
-        (val.eta, val.target),
-        (test.eta, test.target),
-        out_dir,
-        epoch=test.epoch,
-        data_dir=train.data_dir,
-        title=title,
+        [(val.eta, val.target) for val in vals],
+        [(test.eta, test.target) for _, _, test, _ in runs],
+        [out_dir for out_dir, *_ in runs],
+        epochs=[test.epoch for _, _, test, _ in runs],
+        data_dir=runs[0][1].data_dir,
+        titles=[title for *_, title in runs],
     )
 
 

@@ -68,7 +68,9 @@ def rotate(x: Tensor, degrees: float, *, fill: float | Tensor = 0.0) -> Tensor:
     cos, sin = math.cos(angle), math.sin(angle)
     # affine_grid's y axis points down, so a counter-clockwise turn has the sign of sin flipped.
     theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
-    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    # Every image has the same grid: made once and broadcast over the batch.
+    grid = F.affine_grid(theta[None], [1, *x.shape[1:]], align_corners=False)
+    grid = grid.expand(len(x), -1, -1, -1)
     # Zero padding of x - fill, then + fill: outside pixels become fill, edges blend into it.
     out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + fill

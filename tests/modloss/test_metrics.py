@@ -19,6 +19,7 @@ from modloss.metrics import (
     confidence_bins,
     dropped_error,
     evaluate,
+    evaluate_groups,
     kept_members,
     member_entropy,
 )
@@ -149,6 +150,31 @@ def test_evaluate_is_batched_gradient_free_and_in_eval_mode() -> None:
     reference = F.cross_entropy(eta_whole.mean(0), y).item()
     assert whole["ensemble_nll"] == pytest.approx(reference, rel=1e-5)
     assert evaluate(model, x, y, family="categorical", lam=1.0)[1] is None
+
+
+def test_evaluate_groups_gives_each_group_of_a_pack_its_own_evaluate() -> None:
+    """One pass over the data for a pack of G groups: group g's metrics and logits are
+    those of its members evaluated alone, at its own lambda; groups not asked for: None."""
+    model = _Linear()  # 3 members: 3 groups of 1
+    x = torch.randn(57, 5, generator=torch.Generator().manual_seed(8))
+    y = torch.randint(K, (57,), generator=torch.Generator().manual_seed(9))
+    lams = [0.0, 0.5, 1.0]
+    packed = evaluate_groups(
+        model, x, y, family="categorical", lams=lams, batch_size=10, keep_eta=True, groups=[0, 2]
+    )
+    assert packed[1] is None and model.training
+    for g in (0, 2):
+        alone = _Linear()
+        alone.weight = nn.Parameter(model.weight[g : g + 1].detach().clone())
+        metrics, eta = evaluate(
+            alone, x, y, family="categorical", lam=lams[g], batch_size=10, keep_eta=True
+        )
+        torch.testing.assert_close(packed[g][1], eta)
+        assert packed[g][0].keys() == metrics.keys()
+        for key, value in metrics.items():
+            assert packed[g][0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    with pytest.raises(ValueError, match="3 members do not split into 2 groups"):
+        evaluate_groups(model, x, y, family="categorical", lams=[0.0, 1.0])
 
 
 def test_compute_without_updates_is_an_error() -> None:

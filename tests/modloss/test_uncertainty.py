@@ -4,11 +4,13 @@ temperature scaling, the rotation shift, OOD scores and rates, MNIST files, reli
 import dataclasses
 import gzip
 import hashlib
+import json
 import math
 import struct
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,8 @@ from torchmetrics.classification import MulticlassCalibrationError
 from modloss.data import DATASETS, ChecksumError, FileSpec, load_raw, load_splits, rotate
 from modloss.metrics import ECE_BINS, evaluate
 from modloss.models import create_model
+from modloss.names import OOD_CSV, SELECTED_EPOCH_FILE, SHIFT_CSV
+from modloss.pack import pack_models
 from modloss.uncertainty import (
     OOD_FALLBACK,
     auroc,
@@ -28,6 +32,8 @@ from modloss.uncertainty import (
     ood_scores,
     plot_reliability,
     reliability_bins,
+    selected_epoch,
+    selected_epochs,
     shift_curve,
     temperature_scale,
 )
@@ -256,3 +262,42 @@ def test_reliability_bins_match_a_loop_and_give_torchmetrics_ece(tmp_path: Path)
     assert ece(probs.float(), y) == pytest.approx(reference, abs=1e-6)
     path = plot_reliability(eta, y, tmp_path / "reliability.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- one run, a pack
+
+
+def test_selected_epochs_of_a_pack_are_each_runs_own_analyses(fmnist_small, tmp_path) -> None:
+    """The analyses of a pack's runs, from one pass of the packed model over each rotated
+    test set and the OOD images, are the files selected_epoch writes for each run alone."""
+    models = [create_model("16-M-64-H", seed=seed).eval() for seed in (0, 1, 2)]
+    vals = [
+        evaluate(m, *fmnist_small.val, family="categorical", lam=1.0, keep_eta=True)[1]
+        for m in models
+    ]
+    tests = [
+        evaluate(m, *fmnist_small.test, family="categorical", lam=1.0, keep_eta=True)[1]
+        for m in models
+    ]
+    val_pairs = [(eta, fmnist_small.val.y) for eta in vals]
+    test_pairs = [(eta, fmnist_small.test.y) for eta in tests]
+    packed = [tmp_path / f"packed{g}" for g in range(3)]
+    alone = [tmp_path / f"alone{g}" for g in range(3)]
+    for folder in packed + alone:
+        folder.mkdir()
+    results = selected_epochs(
+        pack_models(models), fmnist_small, val_pairs, test_pairs, packed, epochs=[3, 4, 5]
+    )
+    for g, model in enumerate(models):
+        own = selected_epoch(
+            model, fmnist_small, val_pairs[g], test_pairs[g], alone[g], epoch=3 + g
+        )
+        assert results[g] == pytest.approx(own, rel=1e-5, abs=1e-7)
+        for name in (SHIFT_CSV, OOD_CSV):
+            pd.testing.assert_frame_equal(
+                pd.read_csv(packed[g] / name), pd.read_csv(alone[g] / name), rtol=1e-5
+            )
+        record = json.loads((packed[g] / SELECTED_EPOCH_FILE).read_text())
+        assert record["epoch"] == 3 + g
+    # The runs differ, so a group read from the wrong members would not match its own.
+    assert results[0]["rotated90_accuracy"] != results[1]["rotated90_accuracy"]

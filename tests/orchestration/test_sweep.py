@@ -279,7 +279,7 @@ def test_trial_analyses_at_the_selected_epoch(data_dir, tmp_path):
         {"model": "16-M-64-H", "lam": 0.5, "epochs": 2, "subset": 600, "data_dir": str(data_dir)}
     )
     result = fit(config, out_dir=tmp_path)
-    _analysis_artifacts(tmp_path, config)
+    _analysis_artifacts([tmp_path], [config])
 
     record = json.loads((tmp_path / SELECTED_EPOCH_FILE).read_text())
     assert record["epoch"] == result.best_epoch
