@@ -72,6 +72,7 @@ class PackedSGD(torch.optim.Optimizer):
         super().__init__(params, {})
         self.shadows, self.group_size = list(shadows), group_size
         self.live = [True] * len(self.shadows)
+        self._vectors: dict[tuple[Any, ...], Tensor] = {}  # _factor's per-member tensors
         for k, p in enumerate(self.param_groups[0]["params"]):
             parts = []
             for shadow in self.shadows:
@@ -80,34 +81,51 @@ class PackedSGD(torch.optim.Optimizer):
                 parts.append(torch.zeros_like(own, device=p.device) if buf is None else buf)
             self.state[p]["momentum_buffer"] = torch.cat(parts).to(p)  # (G*M, ...)
 
-    def _per_member(self, key: str, ref: Tensor) -> Tensor:
-        """Each group's ``key`` repeated over its members, shaped to broadcast on ``ref``."""
-        values = [float(s.param_groups[0][key]) for s in self.shadows]
-        if key == "lr":  # a frozen (diverged or stopped) group no longer moves
-            values = [v if live else 0.0 for v, live in zip(values, self.live, strict=True)]
-        per = torch.tensor(values, dtype=ref.dtype, device=ref.device)
-        return per.repeat_interleave(self.group_size).view(-1, *[1] * (ref.ndim - 1))
+    def _values(self, key: str) -> tuple[Any, ...]:
+        """Each group's ``key`` now; a frozen (diverged or stopped) group's lr is 0."""
+        values = tuple(s.param_groups[0][key] for s in self.shadows)
+        if key == "lr":
+            return tuple(v if live else 0.0 for v, live in zip(values, self.live, strict=True))
+        return values
+
+    def _factor(self, values: tuple[Any, ...], ref: Tensor) -> float | Tensor:
+        """``values`` (one per group) as a float when the groups share it, so that the step
+        is torch.optim.SGD's own arithmetic; else each group's value repeated over its
+        members, shaped to broadcast on ``ref`` (made once per value, device and shape)."""
+        if len(set(values)) == 1:
+            return float(values[0])
+        key = (values, ref.dtype, ref.device, ref.ndim)
+        if key not in self._vectors:
+            per = torch.tensor([float(v) for v in values], dtype=ref.dtype, device=ref.device)
+            shape = (-1, *[1] * (ref.ndim - 1))
+            self._vectors[key] = per.repeat_interleave(self.group_size).view(shape)
+        return self._vectors[key]
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
-        hyper = {key: {s.param_groups[0][key] for s in self.shadows} for key in FUSED_SGD_KEYS}
+        hyper = {key: self._values(key) for key in FUSED_SGD_KEYS}
+        nesterov = set(hyper["nesterov"])
         for p in self.param_groups[0]["params"]:
             if p.grad is None:
                 continue
             d_p = p.grad
-            if hyper["weight_decay"] != {0}:
-                d_p = d_p + self._per_member("weight_decay", p) * p
-            momentum = self._per_member("momentum", p)
+            if set(hyper["weight_decay"]) != {0}:
+                d_p = _axpy(d_p, self._factor(hyper["weight_decay"], p), p)
+            momentum = self._factor(hyper["momentum"], p)
             buf = self.state[p]["momentum_buffer"]
             buf.mul_(momentum).add_(d_p)
-            if hyper["nesterov"] == {True}:
-                d_p = d_p + momentum * buf
-            elif hyper["nesterov"] == {False, True}:
-                nesterov = self._per_member("nesterov", p).bool()
-                d_p = torch.where(nesterov, d_p + momentum * buf, buf)
-            elif hyper["momentum"] != {0}:
+            if nesterov == {True}:
+                d_p = _axpy(d_p, momentum, buf)
+            elif nesterov == {False, True}:
+                mask = self._factor(hyper["nesterov"], p).bool()
+                d_p = torch.where(mask, _axpy(d_p, momentum, buf), buf)
+            elif set(hyper["momentum"]) != {0}:
                 d_p = buf
-            p.sub_(self._per_member("lr", p) * d_p)
+            lr = self._factor(hyper["lr"], p)
+            if isinstance(lr, float):
+                p.add_(d_p, alpha=-lr)
+            else:
+                p.addcmul_(lr, d_p, value=-1.0)
 
     def freeze(self, g: int) -> None:
         """Stop updating group ``g``."""
@@ -121,6 +139,11 @@ class PackedSGD(torch.optim.Optimizer):
         for p, own in params:
             buf = self.state[p]["momentum_buffer"][lo:hi]
             shadow.state[own]["momentum_buffer"] = buf.detach().clone().to(own.device)
+
+
+def _axpy(x: Tensor, factor: float | Tensor, y: Tensor) -> Tensor:
+    """``x + factor * y``, ``factor`` a number or a per-member tensor."""
+    return x.add(y, alpha=factor) if isinstance(factor, float) else x.addcmul(factor, y)
 
 
 class PackedStrategy(SingleDevice):

@@ -18,6 +18,12 @@ POINTS = [
     {"lam": 0.5, "lr": 0.1, "momentum": 0.0, "weight_decay": 1e-3, "milestones": [1]},
     {"lam": 1.0, "lr": 0.05, "momentum": 0.5, "weight_decay": 5e-4, "nesterov": True},
 ]
+# The groups of a pack share some settings (PackedSGD then steps with numbers, as torch's SGD):
+# Table 2's case (only the learning rate differs), and one where every setting is shared.
+SHARED = {
+    "lr": [{"lam": lam, "lr": lr, "momentum": 0.9} for lam, lr in ((0.0, 0.3), (1.0, 0.1))],
+    "all": [{"lam": lam, "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3} for lam in (0.0, 1.0)],
+}
 TINY = {  # the paper's models on a small synthetic input (8 features or a 1x8x8 image)
     "1-M-1024-H": {"in_features": 8},
     "16-M-64-H": {"in_features": 8},
@@ -33,10 +39,16 @@ def _configs(base: dict[str, Any], points: list[dict[str, Any]]) -> list[TrainCo
     return [TrainConfig.model_validate({**base, **point}) for point in points]
 
 
-@pytest.mark.parametrize("name", list(TINY))
-def test_packed_steps_equal_unpacked_steps_in_float64(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "points"),
+    [(name, POINTS) for name in TINY] + [("16-M-64-H", points) for points in SHARED.values()],
+    ids=[*TINY, *(f"16-M-64-H-shared-{key}" for key in SHARED)],
+)
+def test_packed_steps_equal_unpacked_steps_in_float64(
+    name: str, points: list[dict[str, Any]]
+) -> None:
     configs = _configs(
-        {"model": name, "model_overrides": TINY[name], "milestones": [3], "gamma": 0.5}, POINTS
+        {"model": name, "model_overrides": TINY[name], "milestones": [3], "gamma": 0.5}, points
     )
     alone = [build_model(c).double() for c in configs]
     alone_sgd = [build_optimizer(c, m) for c, m in zip(configs, alone, strict=True)]
@@ -47,9 +59,9 @@ def test_packed_steps_equal_unpacked_steps_in_float64(name: str) -> None:
     pack = run.prepare_pack(
         shadows, torch.device("cpu"), family="categorical", lams=lams, num_classes=10
     )
-    assert pack.num_members == 3 * alone[0].num_members
+    assert pack.num_members == len(points) * alone[0].num_members
     optimizer = PackedSGD(pack.parameters(), [o for o, _ in shadow_sgd], alone[0].num_members)
-    initial = [{k: v.clone() for k, v in run.group_state(g).items()} for g in range(3)]
+    initial = [{k: v.clone() for k, v in run.group_state(g).items()} for g in range(len(points))]
     shape = (16, 8) if name != "CNN-10" else (16, 1, 8, 8)
     gen = torch.Generator().manual_seed(0)
     run.start_epoch()
