@@ -207,6 +207,14 @@ def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def _resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A point's config with its lr resolved: a sampled point on the paper's preset has
+    none yet (grid points arrive validated, lr resolved)."""
+    from orchestration.spaces import train_config
+
+    return train_config(config) if config.get("lr") is None else config
+
+
 def _params(config: Mapping[str, Any]) -> dict[str, str]:
     # MLflow params are strings of at most 6000 characters; nested values as JSON.
     out = {}
@@ -365,6 +373,7 @@ class TrialLogger(Callback):
                 continue
             run_id = run.info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            self._log_params(run_id, config, logged=run.data.params)
             starts = int(run.data.tags.get("starts", "1")) + 1
             self.client.set_tag(run_id, "starts", str(starts))
             self.client.set_tag(run_id, "status", "running")
@@ -425,13 +434,9 @@ class TrialLogger(Callback):
             self.client.set_terminated(run_id, "FAILED")
 
     def _create(self, trial: Trial, point: int, config: Mapping[str, Any]) -> str:
-        from mlflow.entities import Param
-
         from modloss.models import num_members
-        from orchestration.spaces import train_config
 
-        if config.get("lr") is None:  # a sampled point on the paper's preset: resolve it
-            config = train_config(config)  # (grid points arrive validated, lr resolved)
+        config = _resolved(config)
         members = num_members(config["model"], **(config.get("model_overrides") or {}))
         tags = {
             PARENT_TAG: self.record.parent_run_id,
@@ -448,9 +453,21 @@ class TrialLogger(Callback):
         }
         run_name = point_name(config)  # an unpacked trial's name
         run = self.client.create_run(self.record.experiment_id, run_name=run_name, tags=tags)
-        params = [Param(k, v) for k, v in _params(config).items()]
-        self.client.log_batch(run.info.run_id, params=params)
+        self._log_params(run.info.run_id, config)
         return run.info.run_id
+
+    def _log_params(
+        self, run_id: str, config: Mapping[str, Any], logged: Mapping[str, str] | None = None
+    ) -> None:
+        """Log the point's config as the run's params, those not ``logged`` yet (a driver
+        killed between creating a run and logging its params leaves a run without them)."""
+        from mlflow.entities import Param
+
+        logged = logged or {}
+        params = _params(_resolved(config))
+        missing = [Param(k, v) for k, v in params.items() if k not in logged]
+        if missing:
+            self.client.log_batch(run_id, params=missing)
 
     def _run_ids(self, trial: Trial) -> list[str]:
         """The run of each of the trial's points."""

@@ -7,13 +7,15 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from modloss.names import SUMMARY_METRICS
+from modloss.names import PARENT_TAG, POINT_TAG, SUMMARY_METRICS, TRIAL_ID_TAG
 from modloss.records import EpochRecord, RunResult, SplitMetrics
 from orchestration.reports import epoch_report
+from orchestration.spaces import train_config
 from orchestration.tracking import (
     SweepRecord,
     SweepTracker,
     TrackingError,
+    TrialLogger,
     check_tracking_uri,
     epoch_metrics,
     trial_status,
@@ -117,3 +119,25 @@ def test_finish_leaves_no_run_running(mlflow_server, tmp_path):
     assert client.get_run(record.parent_run_id).info.status == "KILLED"
     assert tracker.start(tmp_path, params={}) == record  # resuming reopens the same parent
     assert client.get_run(record.parent_run_id).info.status == "RUNNING"
+
+
+def test_a_restarted_trial_logs_the_params_a_killed_driver_left_unlogged(mlflow_server, tmp_path):
+    """A driver killed between creating a point's run and logging its params leaves a run
+    with tags only; the trial's next start must give that same run its params, not a second
+    run (the run is what users compare in the MLflow UI)."""
+    from ray.tune.experiment import Trial
+
+    record = SweepTracker(mlflow_server, "params-after-kill").start(tmp_path, params={})
+    client = MlflowClient(mlflow_server)
+    config = train_config({"model": "16-M-64-H", "lam": 0.5, "trial": 1, "epochs": 2})
+    trial = Trial("trainable", config={"train": config}, trial_id="kill0", stub=True)
+    tags = {PARENT_TAG: record.parent_run_id, TRIAL_ID_TAG: "kill0", POINT_TAG: "0"}
+    bare = client.create_run(record.experiment_id, tags=tags)  # the kill came here
+
+    TrialLogger(record).on_trial_start(0, [], trial)
+
+    runs = client.search_runs([record.experiment_id], f"tags.`{TRIAL_ID_TAG}` = 'kill0'")
+    assert [r.info.run_id for r in runs] == [bare.info.run_id]
+    params = runs[0].data.params
+    assert (params["lam"], params["trial"], params["lr"]) == ("0.5", "1", "0.32")
+    assert params["epochs"] == "2" and runs[0].info.status == "RUNNING"
