@@ -158,9 +158,9 @@ def ui_hint(record: SweepRecord) -> str:
 def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs: int) -> str:
     """A trial's outcome: finished | diverged | stopped (early, by the scheduler) | failed |
     interrupted | pending."""
-    if ray_status == "ERROR":
-        return "failed"
     last = last_result or {}
+    if ray_status == "ERROR":  # a packed point that diverged before its pack failed stays so
+        return "diverged" if last.get("status") == "diverged" else "failed"
     if ray_status == "TERMINATED":
         if last.get("status") in ("finished", "diverged"):
             return last["status"]
@@ -402,13 +402,31 @@ class TrialLogger(Callback):
             self._last_step[key] = int(step)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._close(trial, "TERMINATED")
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        for run_id in self._run_ids(trial):
+            self.client.set_tag(run_id, "failures", str(trial.num_failures))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._close(trial, "ERROR")
+
+    def _close(self, trial: Trial, ray_status: str) -> None:
+        """End the run of each of the trial's points with its outcome: a point that ended
+        (finished, or diverged, also in a pack that failed later) gets its summary metrics
+        and files, a failed one the error."""
         from mlflow.entities import Metric
 
         packed = "pack" in trial.config
         for point, ((config, last), run_id) in enumerate(
             zip(trial_points(trial), self._run_ids(trial), strict=True)
         ):
-            status = trial_status("TERMINATED", last, config["epochs"])
+            status = trial_status(ray_status, last, config["epochs"])
+            if status == "failed":
+                self.client.set_tag(run_id, "status", status)
+                self.client.set_tag(run_id, "error", error_text(trial)[-5000:])
+                self.client.set_terminated(run_id, "FAILED")
+                continue
             now = int(time.time() * 1000)
             summary = {
                 k: float(last[k])
@@ -419,19 +437,8 @@ class TrialLogger(Callback):
             self.client.log_batch(run_id, metrics=metrics)
             folder = POINT_FOLDER.format(point=point) if packed else ""
             self._log_checkpoint_files(run_id, trial, folder)
-            self.client.set_tag(run_id, "status", status)
+            self.client.set_tag(run_id, "status", status)  # last: the run is complete
             self.client.set_terminated(run_id, "FINISHED")
-
-    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        for run_id in self._run_ids(trial):
-            self.client.set_tag(run_id, "failures", str(trial.num_failures))
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        error = error_text(trial)[-5000:]
-        for run_id in self._run_ids(trial):
-            self.client.set_tag(run_id, "status", "failed")
-            self.client.set_tag(run_id, "error", error)
-            self.client.set_terminated(run_id, "FAILED")
 
     def _create(self, trial: Trial, point: int, config: Mapping[str, Any]) -> str:
         from modloss.models import num_members

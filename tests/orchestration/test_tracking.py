@@ -3,13 +3,15 @@ the reconciliation that leaves no run RUNNING (against a real MLflow server)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from modloss.names import PARENT_TAG, POINT_TAG, SUMMARY_METRICS, TRIAL_ID_TAG
 from modloss.records import EpochRecord, RunResult, SplitMetrics
-from orchestration.reports import epoch_report
+from orchestration.reports import POINTS_KEY, epoch_report
 from orchestration.spaces import train_config
 from orchestration.tracking import (
     SweepRecord,
@@ -30,6 +32,7 @@ from orchestration.tracking import (
         ("TERMINATED", {"status": "running", "epoch": 1}, "stopped"),  # ASHA, early
         ("TERMINATED", {"status": "running", "epoch": 3}, "finished"),  # ASHA at max_t
         ("ERROR", {"status": "running", "epoch": 2}, "failed"),
+        ("ERROR", {"status": "diverged", "epoch": 1}, "diverged"),  # a packed point, before
         ("RUNNING", {"status": "running", "epoch": 2}, "interrupted"),
         ("PAUSED", {"status": "running", "epoch": 2}, "interrupted"),
         ("PENDING", {}, "pending"),
@@ -141,3 +144,34 @@ def test_a_restarted_trial_logs_the_params_a_killed_driver_left_unlogged(mlflow_
     params = runs[0].data.params
     assert (params["lam"], params["trial"], params["lr"]) == ("0.5", "1", "0.32")
     assert params["epochs"] == "2" and runs[0].info.status == "RUNNING"
+
+
+def test_a_failed_pack_keeps_the_outcome_of_a_point_that_had_diverged(
+    local_ray, mlflow_server, tmp_path
+):
+    """A pack that fails after one of its points diverged: that point's run ends diverged
+    (FINISHED, with its summary), the others failed with the error."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    record = SweepTracker(mlflow_server, "pack-error").start(tmp_path, params={})
+    client = MlflowClient(mlflow_server)
+    pack = [train_config({"model": "1-M-1024-H", "lam": lam, "trial": 0}) for lam in (0.0, 1.0)]
+    storage = StorageContext(str(tmp_path / "ray"), "exp", trial_dir_name="pack0")
+    trial = Trial("trainable", config={"pack": pack}, trial_id="pack0", storage=storage, stub=True)
+    logger = TrialLogger(record)
+    logger.on_trial_start(0, [], trial)
+    diverged = {"epoch": 1, "status": "diverged", "val_error": 0.9}
+    trial.update_last_result({POINTS_KEY: [diverged, {"epoch": 2, "status": "running"}]})
+    Path(trial.local_path).mkdir(parents=True)
+    trial.handle_error(RuntimeError("out of memory in epoch 2"))  # what Ray does, then this:
+    logger.on_trial_error(0, [], trial)
+
+    runs = client.search_runs([record.experiment_id], f"tags.`{TRIAL_ID_TAG}` = 'pack0'")
+    by_point = {int(r.data.tags[POINT_TAG]): r for r in runs}
+    assert by_point[0].data.tags["status"] == "diverged"
+    assert by_point[0].info.status == "FINISHED"
+    assert by_point[0].data.metrics["val_error"] == 0.9
+    assert by_point[1].data.tags["status"] == "failed"
+    assert by_point[1].info.status == "FAILED"
+    assert "out of memory in epoch 2" in by_point[1].data.tags["error"]
