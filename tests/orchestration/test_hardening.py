@@ -8,6 +8,8 @@ duplicated or left RUNNING. Real parts only: real Ray, real MLflow, real Fashion
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -405,6 +407,12 @@ def _listening(pids: set[int]) -> dict[tuple[int, str], str]:
     return out
 
 
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def _tree(pid: int) -> set[int]:
     try:
         proc = psutil.Process(pid)
@@ -437,10 +445,14 @@ def killed_sweep(tmp_path_factory, data_dir, mlflow_server):
             break
         time.sleep(0.3)
     tree = _tree(driver.pid)
+    # Frozen from here to the kill, so the trial cannot finish meanwhile: the kill comes
+    # with the trial unfinished and its first epoch's checkpoint written.
+    _signal(tree, signal.SIGSTOP)
     listening = _listening(tree)
     second = _run(["sweep", str(space), *flags], root, timeout=120)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
+    _signal(tree - {driver.pid}, signal.SIGCONT)
     log.close()
     time.sleep(3)
     left = {pid for pid in tree if psutil.pid_exists(pid) and pid != driver.pid}
@@ -488,8 +500,7 @@ def test_resume_after_sigkill_is_not_blocked_and_cleans_up_stale_ray(killed_swee
 
 def test_corrupt_checkpoint_in_a_sweep_restarts_the_trial(killed_sweep, resumed):
     damaged = killed_sweep["damaged"]
-    if not damaged:
-        pytest.skip("the kill came between checkpoints: no unfinished trial had one")
+    assert damaged, "no unfinished trial had a checkpoint at the kill"
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     for path in damaged:
         assert path.name in resumed.stdout + resumed.stderr
