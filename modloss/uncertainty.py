@@ -198,9 +198,9 @@ def shift_curves(
     pack, :func:`modloss.pack.pack_models`): each angle's copy of ``x`` is rotated once and
     passed once through the whole pack (:func:`modloss.metrics.evaluate_groups`)."""
     rows: list[list[dict[str, float]]] = [[] for _ in range(groups)]
+    lams = [1.0] * groups  # the loss entries are not read
     for angle in angles:
         shifted = rotate(x, float(angle), fill=fill)
-        lams = [1.0] * groups  # the loss entries are not read
         per_group = evaluate_groups(
             model, shifted, y, family="categorical", lams=lams, batch_size=batch_size
         )
