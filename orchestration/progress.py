@@ -44,9 +44,16 @@ class ProgressPrinter(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
-    def _print(self, trials: list[Trial], text: str) -> None:
+    def _print(self, trials: list[Trial], text: str, now: tuple[Trial, str] | None = None) -> None:
+        """``now``: the trial this reports and the status it is getting (Ray calls
+        on_trial_start and on_trial_complete before it sets RUNNING or TERMINATED)."""
+
+        def status(t: Trial) -> str:
+            return now[1] if now is not None and t is now[0] else t.status
+
         def points(*statuses: str) -> int:
-            return sum(len(trial_points(t)) for t in trials if not statuses or t.status in statuses)
+            chosen = [t for t in trials if not statuses or status(t) in statuses]
+            return sum(len(trial_points(t)) for t in chosen)
 
         done, running = points("TERMINATED", "ERROR"), points("RUNNING")
         elapsed = time.monotonic() - self._start
@@ -58,7 +65,8 @@ class ProgressPrinter(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         size = len(trial_points(trial))
-        self._print(trials, f"start    {trial}" + (f" ({size} points)" if size > 1 else ""))
+        text = f"start    {trial}" + (f" ({size} points)" if size > 1 else "")
+        self._print(trials, text, now=(trial, "RUNNING"))
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
@@ -91,7 +99,7 @@ class ProgressPrinter(Callback):
                 if last.get(k) is not None
             )
             name = f"{trial}/{point_name(config)}" if packed else str(trial)
-            self._print(trials, f"{status:<8} {name} {shown}")
+            self._print(trials, f"{status:<8} {name} {shown}", now=(trial, "TERMINATED"))
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         self._print(trials, f"retry    {trial} (failure {trial.num_failures})")

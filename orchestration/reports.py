@@ -16,8 +16,10 @@ __all__ = [
     "METRIC",
     "MODE",
     "OBJECTIVES",
+    "OWN_KEY",
     "POINTS_KEY",
     "epoch_report",
+    "own_values",
     "pack_report",
     "summary_report",
 ]
@@ -28,6 +30,7 @@ MODE = "min"
 # lower-is-better, all at the best-validation epoch.
 OBJECTIVES = tuple(name for name in SUMMARY_METRICS if name.startswith("val_"))
 POINTS_KEY = "points"  # a packed trial's reports: one per point, in pack order
+OWN_KEY = "own"  # an unfinished run's own values of the OBJECTIVES its summary hides
 
 
 def epoch_report(result: RunResult) -> dict[str, Any]:
@@ -45,11 +48,19 @@ def epoch_report(result: RunResult) -> dict[str, Any]:
 def summary_report(result: RunResult) -> dict[str, Any]:
     """The trial's closing report (``summary: True``). Searchers read their objectives
     from the last report (Optuna its every objective, at the best-validation epoch), so a
-    run that did not finish has none (NaN)."""
+    run that did not finish has none (NaN); its own values stay under ``OWN_KEY``, for
+    the results table and MLflow (:func:`own_values`)."""
     report = {**epoch_report(result), "summary": True}
     if result.status != "finished":
+        report[OWN_KEY] = {name: report[name] for name in OBJECTIVES}
         report.update(dict.fromkeys(OBJECTIVES, math.nan))
     return report
+
+
+def own_values(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with the run's own summary values (``RunResult.summary``, as in
+    results.json), also those :func:`summary_report` hides from searchers."""
+    return {**report, **report.get(OWN_KEY, {})}
 
 
 def pack_report(results: list[RunResult], *, summary: bool = False) -> dict[str, Any]:

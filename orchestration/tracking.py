@@ -55,7 +55,7 @@ from orchestration.guards import (
     read_json,
     write_json,
 )
-from orchestration.reports import POINTS_KEY
+from orchestration.reports import POINTS_KEY, own_values
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,6 +85,7 @@ RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
 # epoch's saved logits are too large to keep: the trial summarises them into the robustness
 # curve and the analysis_tables CSVs that `modloss report` reads (Fig. 4, 5, 10, Table 6).
 # A trial's outcome -> the MLflow status of its run.
+_FINAL = ("finished", "diverged")  # a point's outcomes that no restart changes
 _RUN_STATUS = {
     "finished": "FINISHED",
     "diverged": "FINISHED",
@@ -159,8 +160,10 @@ def trial_status(ray_status: str, last_result: Mapping[str, Any] | None, epochs:
     """A trial's outcome: finished | diverged | stopped (early, by the scheduler) | failed |
     interrupted | pending."""
     last = last_result or {}
-    if ray_status == "ERROR":  # a packed point that diverged before its pack failed stays so
-        return "diverged" if last.get("status") == "diverged" else "failed"
+    if last.get("status") == "diverged":  # whatever became of the trial after: a packed
+        return "diverged"  # point can diverge before its pack fails or is interrupted
+    if ray_status == "ERROR":
+        return "failed"
     if ray_status == "TERMINATED":
         if last.get("status") in ("finished", "diverged"):
             return last["status"]
@@ -174,14 +177,15 @@ def trial_points(
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """A trial's points (TrainConfig dicts) with each one's part of ``report`` (default: the
     trial's latest): an unpacked trial is one point and the whole report; a packed trial
-    (``config["pack"]``) has its points in pack order, each with its own report."""
+    (``config["pack"]``) has its points in pack order, each with its own report. Each
+    report has the point's own summary values (:func:`orchestration.reports.own_values`)."""
     last = trial.last_result if report is None else report
     last = last or {}
     pack = trial.config.get("pack")
     if pack is None:
-        return [(trial.config["train"], last)]
+        return [(trial.config["train"], own_values(last))]
     reports = last.get(POINTS_KEY) or [{}] * len(pack)
-    return list(zip(pack, reports, strict=True))
+    return [(config, own_values(r)) for config, r in zip(pack, reports, strict=True)]
 
 
 def point_name(config: Mapping[str, Any]) -> str:
@@ -348,6 +352,7 @@ class TrialLogger(Callback):
         self.record = record
         self._client: MlflowClient | None = None
         self._runs: dict[str, list[str]] = {}  # trial id -> run id of each point
+        self._closed: set[str] = set()  # runs closed with their outcome before a restore
         self._last_step: dict[tuple[str, int], int] = {}  # (trial id, point) -> epoch
 
     def __getstate__(self) -> dict[str, Any]:
@@ -372,14 +377,21 @@ class TrialLogger(Callback):
                 self._last_step[key] = 0
                 continue
             run_id = run.info.run_id
+            history = self.client.get_metric_history(run_id, curve("val_error"))
+            self._last_step[key] = max((m.step for m in history), default=0)
+            run_ids.append(run_id)
+            if run.info.status == "FINISHED" and run.data.tags.get("status") in _FINAL:
+                # Closed with its outcome (a driver killed before Tune's next snapshot, or
+                # a diverged point of a pack that failed later): left as it is.
+                self._closed.add(run_id)
+                continue
             self.client.update_run(run_id, status="RUNNING")
             self._log_params(run_id, config, logged=run.data.params)
             starts = int(run.data.tags.get("starts", "1")) + 1
             self.client.set_tag(run_id, "starts", str(starts))
             self.client.set_tag(run_id, "status", "running")
-            history = self.client.get_metric_history(run_id, curve("val_error"))
-            self._last_step[key] = max((m.step for m in history), default=0)
-            run_ids.append(run_id)
+            if "error" in run.data.tags:  # a failed run that starts again
+                self.client.delete_tag(run_id, "error")
         self._runs[trial.trial_id] = run_ids
 
     def on_trial_result(
@@ -406,7 +418,8 @@ class TrialLogger(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         for run_id in self._run_ids(trial):
-            self.client.set_tag(run_id, "failures", str(trial.num_failures))
+            if run_id not in self._closed:
+                self.client.set_tag(run_id, "failures", str(trial.num_failures))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         self._close(trial, "ERROR")
@@ -421,6 +434,8 @@ class TrialLogger(Callback):
         for point, ((config, last), run_id) in enumerate(
             zip(trial_points(trial), self._run_ids(trial), strict=True)
         ):
+            if run_id in self._closed:
+                continue
             status = trial_status(ray_status, last, config["epochs"])
             if status == "failed":
                 self.client.set_tag(run_id, "status", status)

@@ -57,6 +57,10 @@ def test_smoke_sweep_is_tracked_in_mlflow(local_ray, mlflow_server, make_space, 
     assert "4 finished" in out.getvalue()
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert progress and all("/4 done" in line for line in progress)  # out of the whole grid
+    # A trial's own start and end count in its line (Ray changes its status only after).
+    ends = [line for line in progress if "] finished " in line]
+    assert [line.split("]")[0].split()[-4] for line in ends] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(" 0 running]" not in line for line in progress if "] start " in line)
 
     client = MlflowClient(mlflow_server)
     parent = client.get_run(outcome.record.parent_run_id)

@@ -3,6 +3,7 @@ the reconciliation that leaves no run RUNNING (against a real MLflow server)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,7 @@ from mlflow import MlflowClient
 
 from modloss.names import PARENT_TAG, POINT_TAG, SUMMARY_METRICS, TRIAL_ID_TAG
 from modloss.records import EpochRecord, RunResult, SplitMetrics
-from orchestration.reports import POINTS_KEY, epoch_report
+from orchestration.reports import OBJECTIVES, POINTS_KEY, epoch_report, summary_report
 from orchestration.spaces import train_config
 from orchestration.tracking import (
     SweepRecord,
@@ -20,6 +21,7 @@ from orchestration.tracking import (
     TrialLogger,
     check_tracking_uri,
     epoch_metrics,
+    trial_points,
     trial_status,
 )
 
@@ -33,6 +35,8 @@ from orchestration.tracking import (
         ("TERMINATED", {"status": "running", "epoch": 3}, "finished"),  # ASHA at max_t
         ("ERROR", {"status": "running", "epoch": 2}, "failed"),
         ("ERROR", {"status": "diverged", "epoch": 1}, "diverged"),  # a packed point, before
+        ("RUNNING", {"status": "diverged", "epoch": 1}, "diverged"),  # its pack failed or
+        ("PENDING", {"status": "diverged", "epoch": 1}, "diverged"),  # was interrupted
         ("RUNNING", {"status": "running", "epoch": 2}, "interrupted"),
         ("PAUSED", {"status": "running", "epoch": 2}, "interrupted"),
         ("PENDING", {}, "pending"),
@@ -161,7 +165,7 @@ def test_a_failed_pack_keeps_the_outcome_of_a_point_that_had_diverged(
     trial = Trial("trainable", config={"pack": pack}, trial_id="pack0", storage=storage, stub=True)
     logger = TrialLogger(record)
     logger.on_trial_start(0, [], trial)
-    diverged = {"epoch": 1, "status": "diverged", "val_error": 0.9}
+    diverged = summary_report(_diverged(0.9))  # what the pack reported for that point
     trial.update_last_result({POINTS_KEY: [diverged, {"epoch": 2, "status": "running"}]})
     Path(trial.local_path).mkdir(parents=True)
     trial.handle_error(RuntimeError("out of memory in epoch 2"))  # what Ray does, then this:
@@ -171,7 +175,81 @@ def test_a_failed_pack_keeps_the_outcome_of_a_point_that_had_diverged(
     by_point = {int(r.data.tags[POINT_TAG]): r for r in runs}
     assert by_point[0].data.tags["status"] == "diverged"
     assert by_point[0].info.status == "FINISHED"
-    assert by_point[0].data.metrics["val_error"] == 0.9
+    assert by_point[0].data.metrics["val_error"] == 0.9  # its own, not the searcher's NaN
+    assert by_point[0].data.metrics["test_error"] == 0.95
     assert by_point[1].data.tags["status"] == "failed"
     assert by_point[1].info.status == "FAILED"
     assert "out of memory in epoch 2" in by_point[1].data.tags["error"]
+
+
+def _diverged(val_error: float) -> RunResult:
+    return RunResult(
+        status="diverged",
+        best_epoch=1,
+        val_error=val_error,
+        test_error=0.95,
+        final_test_error=0.95,
+        diverged_epoch=2,
+        epochs_completed=1,
+        params=10,
+        model_args={"num_members": 2},
+        config={},
+    )
+
+
+def test_a_diverged_runs_own_values_reach_the_table_and_mlflow_not_the_searcher():
+    """The closing report hides a diverged run's objectives from searchers (NaN), but the
+    results table and the child run read its own values, as results.json has them."""
+    from ray.tune.experiment import Trial
+
+    report = summary_report(_diverged(0.4))
+    assert all(math.isnan(report[name]) for name in OBJECTIVES)  # what searchers read
+    trial = Trial("trainable", config={"train": {}}, trial_id="own00", stub=True)
+    trial.update_last_result(report)
+    ((_, last),) = trial_points(trial)
+    assert last["val_error"] == 0.4 and last["test_error"] == 0.95
+    pack = Trial("trainable", config={"pack": [{}, {}]}, trial_id="own01", stub=True)
+    pack.update_last_result({POINTS_KEY: [report, epoch_report(_diverged(0.3))]})
+    assert [last["val_error"] for _, last in trial_points(pack)] == [0.4, 0.3]
+
+
+def test_a_resumed_trial_leaves_closed_runs_closed_and_clears_a_stale_error(
+    local_ray, mlflow_server, tmp_path
+):
+    """After a restore (a new TrialLogger, as Ray unpickles it): a run already closed with
+    its outcome is not reopened nor given its summary twice; a failed run that starts
+    again loses its old error."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    record = SweepTracker(mlflow_server, "resume-closed").start(tmp_path, params={})
+    client = MlflowClient(mlflow_server)
+    pack = [train_config({"model": "1-M-1024-H", "lam": lam, "trial": 0}) for lam in (0.0, 1.0)]
+    storage = StorageContext(str(tmp_path / "ray"), "exp", trial_dir_name="pack1")
+    trial = Trial("trainable", config={"pack": pack}, trial_id="pack1", storage=storage, stub=True)
+    first = TrialLogger(record)
+    first.on_trial_start(0, [], trial)
+    trial.update_last_result({POINTS_KEY: [summary_report(_diverged(0.9)), {"epoch": 1}]})
+    Path(trial.local_path).mkdir(parents=True)
+    trial.handle_error(RuntimeError("worker died"))
+    first.on_trial_error(0, [], trial)
+
+    resumed = TrialLogger(record)  # the restored sweep: the pack starts again
+    resumed.on_trial_start(0, [], trial)
+    runs = {
+        int(r.data.tags[POINT_TAG]): r
+        for r in client.search_runs([record.experiment_id], f"tags.`{TRIAL_ID_TAG}` = 'pack1'")
+    }
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["status"] == "diverged"
+    assert runs[0].data.tags["starts"] == "1"
+    assert runs[1].info.status == "RUNNING" and "error" not in runs[1].data.tags
+    assert runs[1].data.tags["starts"] == "2"
+
+    finished = {**summary_report(_diverged(0.5)), "status": "finished"}
+    trial.update_last_result({POINTS_KEY: [summary_report(_diverged(0.9)), finished]})
+    resumed.on_trial_complete(0, [], trial)
+    for point, run in runs.items():
+        history = client.get_metric_history(run.info.run_id, "test_error")
+        assert len(history) == 1, (point, history)  # each summary logged once
+    after = client.get_run(runs[1].info.run_id)
+    assert after.info.status == "FINISHED" and after.data.tags["status"] == "finished"
