@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -150,26 +151,34 @@ def test_a_restarted_trial_logs_the_params_a_killed_driver_left_unlogged(mlflow_
     assert params["epochs"] == "2" and runs[0].info.status == "RUNNING"
 
 
-def test_a_failed_pack_keeps_the_outcome_of_a_point_that_had_diverged(
-    local_ray, mlflow_server, tmp_path
-):
-    """A pack that fails after one of its points diverged: that point's run ends diverged
-    (FINISHED, with its summary), the others failed with the error."""
+def _failed_pack(
+    mlflow_server: str, tmp_path: Path, name: str, error: str
+) -> tuple[SweepRecord, MlflowClient, Any]:
+    """A real (stub) Ray trial of a pack of two points whose first diverged in epoch 1
+    before the pack failed with ``error``, logged by a TrialLogger from start to error."""
     from ray.train._internal.storage import StorageContext
     from ray.tune.experiment import Trial
 
-    record = SweepTracker(mlflow_server, "pack-error").start(tmp_path, params={})
-    client = MlflowClient(mlflow_server)
+    record = SweepTracker(mlflow_server, name).start(tmp_path, params={})
     pack = [train_config({"model": "1-M-1024-H", "lam": lam, "trial": 0}) for lam in (0.0, 1.0)]
-    storage = StorageContext(str(tmp_path / "ray"), "exp", trial_dir_name="pack0")
-    trial = Trial("trainable", config={"pack": pack}, trial_id="pack0", storage=storage, stub=True)
+    storage = StorageContext(str(tmp_path / "ray"), "exp", trial_dir_name=name)
+    trial = Trial("trainable", config={"pack": pack}, trial_id=name, storage=storage, stub=True)
     logger = TrialLogger(record)
     logger.on_trial_start(0, [], trial)
     diverged = summary_report(_diverged(0.9))  # what the pack reported for that point
     trial.update_last_result({POINTS_KEY: [diverged, {"epoch": 2, "status": "running"}]})
     Path(trial.local_path).mkdir(parents=True)
-    trial.handle_error(RuntimeError("out of memory in epoch 2"))  # what Ray does, then this:
+    trial.handle_error(RuntimeError(error))  # what Ray does, then this:
     logger.on_trial_error(0, [], trial)
+    return record, MlflowClient(mlflow_server), trial
+
+
+def test_a_failed_pack_keeps_the_outcome_of_a_point_that_had_diverged(
+    local_ray, mlflow_server, tmp_path
+):
+    """A pack that fails after one of its points diverged: that point's run ends diverged
+    (FINISHED, with its summary), the others failed with the error."""
+    record, client, _ = _failed_pack(mlflow_server, tmp_path, "pack0", "out of memory in epoch 2")
 
     runs = client.search_runs([record.experiment_id], f"tags.`{TRIAL_ID_TAG}` = 'pack0'")
     by_point = {int(r.data.tags[POINT_TAG]): r for r in runs}
@@ -219,20 +228,7 @@ def test_a_resumed_trial_leaves_closed_runs_closed_and_clears_a_stale_error(
     """After a restore (a new TrialLogger, as Ray unpickles it): a run already closed with
     its outcome is not reopened nor given its summary twice; a failed run that starts
     again loses its old error."""
-    from ray.train._internal.storage import StorageContext
-    from ray.tune.experiment import Trial
-
-    record = SweepTracker(mlflow_server, "resume-closed").start(tmp_path, params={})
-    client = MlflowClient(mlflow_server)
-    pack = [train_config({"model": "1-M-1024-H", "lam": lam, "trial": 0}) for lam in (0.0, 1.0)]
-    storage = StorageContext(str(tmp_path / "ray"), "exp", trial_dir_name="pack1")
-    trial = Trial("trainable", config={"pack": pack}, trial_id="pack1", storage=storage, stub=True)
-    first = TrialLogger(record)
-    first.on_trial_start(0, [], trial)
-    trial.update_last_result({POINTS_KEY: [summary_report(_diverged(0.9)), {"epoch": 1}]})
-    Path(trial.local_path).mkdir(parents=True)
-    trial.handle_error(RuntimeError("worker died"))
-    first.on_trial_error(0, [], trial)
+    record, client, trial = _failed_pack(mlflow_server, tmp_path, "pack1", "worker died")
 
     resumed = TrialLogger(record)  # the restored sweep: the pack starts again
     resumed.on_trial_start(0, [], trial)
