@@ -27,7 +27,8 @@ __all__ = ["atomic_local_filesystem", "drop_corrupt_checkpoint", "linked_checkpo
 
 
 class _RenameOnClose(io.RawIOBase):
-    """A binary file that appears at ``path`` only once closed."""
+    """A binary file that appears at ``path`` only once closed, and only if every write
+    succeeded (a failed one leaves ``path`` as it was and no temporary file)."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
@@ -35,21 +36,34 @@ class _RenameOnClose(io.RawIOBase):
         self._path = path
         self._tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in close())
+        self._failed = False
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes) -> int:
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except BaseException:  # e.g. a full disk: the file stays the previous version
+            self._failed = True
+            raise
 
     def tell(self) -> int:
         return self._file.tell()
 
     def close(self) -> None:
         if not self.closed:
-            self._file.close()
-            os.replace(self._tmp, self._path)
-        super().close()
+            try:
+                self._file.close()  # flushes: may fail too
+            except OSError:
+                self._failed = True
+                raise
+            finally:
+                if self._failed:
+                    Path(self._tmp).unlink(missing_ok=True)
+                else:
+                    os.replace(self._tmp, self._path)
+                super().close()
 
 
 class _AtomicLocalHandler(pafs.FSSpecHandler):

@@ -33,6 +33,37 @@ def test_a_written_file_appears_only_when_complete(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary left
 
 
+_FAILING_WRITE = """
+import resource, signal, sys
+from orchestration.storage import atomic_local_filesystem
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, a write fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    with atomic_local_filesystem().open_output_stream(sys.argv[1]) as stream:  # closes
+        stream.write(b"x" * 100_000)
+except OSError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path: Path) -> None:
+    """A write that fails (here the OS refuses it: a file size limit, as a full disk
+    does) leaves the previous complete file in place, and no temporary file."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "experiment_state.json"
+    target.write_bytes(b'{"complete": true}')
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_WRITE, str(target)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout  # the write did fail
+    assert target.read_bytes() == b'{"complete": true}'
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_a_checkpoint_is_linked_into_storage_and_keeps_its_content(tmp_path: Path) -> None:
     fs = atomic_local_filesystem()
     source = tmp_path / "trial"
