@@ -291,6 +291,7 @@ class SweepTracker:
         record = SweepRecord.load(exp_dir)
         if record is not None:
             self.client.update_run(record.parent_run_id, status="RUNNING")
+            self.client.set_tag(record.parent_run_id, "status", "running")  # not the last end's
             return record
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = (

@@ -126,7 +126,8 @@ def test_finish_leaves_no_run_running(mlflow_server, tmp_path):
     assert client.get_run(ids["t1"]).data.tags["status"] == "interrupted"
     assert client.get_run(record.parent_run_id).info.status == "KILLED"
     assert tracker.start(tmp_path, params={}) == record  # resuming reopens the same parent
-    assert client.get_run(record.parent_run_id).info.status == "RUNNING"
+    reopened = client.get_run(record.parent_run_id)
+    assert reopened.info.status == "RUNNING" and reopened.data.tags["status"] == "running"
 
 
 def test_a_restarted_trial_logs_the_params_a_killed_driver_left_unlogged(mlflow_server, tmp_path):
