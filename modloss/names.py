@@ -65,7 +65,9 @@ RELIABILITY_CSV = "reliability.csv"  # reliability_bins of the test logits
 RELIABILITY_PNG = "reliability.png"  # plot_reliability of the test logits
 SELECTED_EPOCH_FILE = "selected_epoch.json"  # {"epoch", "ood_dataset", "metrics": {...}}
 UNCERTAINTY_FILES = (SHIFT_CSV, OOD_CSV, RELIABILITY_CSV, RELIABILITY_PNG, SELECTED_EPOCH_FILE)
-# The files of a trial that become artifacts of its MLflow child run.
+# The files of a trial that become artifacts of its MLflow child run. The best epoch's saved
+# logits are too large to keep: the trial summarises them into the robustness curve and the
+# analysis tables that `modloss report` reads (Fig. 4, 5, 10, Table 6).
 TRIAL_ARTIFACTS = (
     RESULTS_FILE,
     ROBUSTNESS_PNG,

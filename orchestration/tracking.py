@@ -81,11 +81,7 @@ __all__ = [
 ]
 
 RECORD_FILE = "mlflow_sweep.json"  # in the Ray experiment directory
-# Files of a trial's last checkpoint that become artifacts of its child run. The best
-# epoch's saved logits are too large to keep: the trial summarises them into the robustness
-# curve and the analysis_tables CSVs that `modloss report` reads (Fig. 4, 5, 10, Table 6).
 # A trial's outcome -> the MLflow status of its run.
-_FINAL = ("finished", "diverged")  # a point's outcomes that no restart changes
 _RUN_STATUS = {
     "finished": "FINISHED",
     "diverged": "FINISHED",
@@ -94,6 +90,7 @@ _RUN_STATUS = {
     "interrupted": "KILLED",
     "pending": "KILLED",
 }
+_FINAL = ("finished", "diverged")  # a point's outcomes that no restart changes
 
 
 def analysis_tables(directory: Path) -> dict[str, pd.DataFrame]:
