@@ -429,6 +429,7 @@ class TrialLogger(Callback):
         from mlflow.entities import Metric
 
         packed = "pack" in trial.config
+        error = error_text(trial)[-5000:] if ray_status == "ERROR" else ""
         for point, ((config, last), run_id) in enumerate(
             zip(trial_points(trial), self._run_ids(trial), strict=True)
         ):
@@ -437,7 +438,7 @@ class TrialLogger(Callback):
             status = trial_status(ray_status, last, config["epochs"])
             if status == "failed":
                 self.client.set_tag(run_id, "status", status)
-                self.client.set_tag(run_id, "error", error_text(trial)[-5000:])
+                self.client.set_tag(run_id, "error", error)
                 self.client.set_terminated(run_id, "FAILED")
                 continue
             now = int(time.time() * 1000)
